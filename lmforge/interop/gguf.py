@@ -1,0 +1,191 @@
+"""llama.cpp GGUF files into the Llama decoder, with the tokenizer from the metadata.
+
+Tensors are dequantised by the ``gguf`` package's own routines to fp32. llama.cpp's
+converter permutes the rows of ``attn_q``/``attn_k`` so that RoPE rotates interleaved
+pairs; our decoder (like transformers) rotates halves, so those rows are permuted back.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+
+from lmforge.errors import CorruptFileError, TokenizerError, UnknownArchitectureError
+from lmforge.interop.hf import load_into
+from lmforge.models import Decoder, DecoderConfig
+from lmforge.tokenizer import Tokenizer
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+LLAMA_KEYS = {
+    "token_embd": "embed_tokens",
+    "blk.{}.attn_norm": "layers.{}.input_layernorm",
+    "blk.{}.attn_q": "layers.{}.self_attn.q_proj",
+    "blk.{}.attn_k": "layers.{}.self_attn.k_proj",
+    "blk.{}.attn_v": "layers.{}.self_attn.v_proj",
+    "blk.{}.attn_output": "layers.{}.self_attn.o_proj",
+    "blk.{}.ffn_norm": "layers.{}.post_attention_layernorm",
+    "blk.{}.ffn_gate": "layers.{}.mlp.gate_proj",
+    "blk.{}.ffn_up": "layers.{}.mlp.up_proj",
+    "blk.{}.ffn_down": "layers.{}.mlp.down_proj",
+    "output_norm": "norm",
+    "output": "lm_head",
+}
+
+# llama.cpp pre-tokenizer names -> the split applied before byte-level BPE
+PRE_TOKENIZERS = {
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    "default": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    "smollm": lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ]),
+}
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    """Open a GGUF file, with a clear error when it is not one or is damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptFileError(f"{path}: GGUF file not found")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise CorruptFileError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        return GGUFReader(str(path))
+    except Exception as error:  # the reader raises ValueError/IndexError on truncation
+        raise CorruptFileError(f"{path}: cannot read GGUF file (truncated or damaged): {error}") from error
+
+
+def metadata(reader: GGUFReader) -> dict[str, Any]:
+    """All metadata fields as Python values."""
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def _config(meta: dict[str, Any], path: Path) -> DecoderConfig:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnknownArchitectureError(
+            f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise CorruptFileError(f"{path}: GGUF metadata has no {arch}.{key}")
+        return value
+
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    return DecoderConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
+        intermediate_size=int(get("feed_forward_length")),
+        max_position_embeddings=int(get("context_length", 2048)),
+        norm="rmsnorm",
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        position="rope",
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        mlp="swiglu",
+        hidden_act="silu",
+        tie_embeddings=True,  # set from the tensors below
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        extra={"source": str(path), "gguf_file_type": meta.get("general.file_type")},
+    )
+
+
+def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved pairs -> rotate-half order)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def read_gguf_weights(reader: GGUFReader, config: DecoderConfig, path: Path) -> dict[str, torch.Tensor]:
+    """Dequantised fp32 tensors under our key names."""
+    rules = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + r"\.(weight|bias)$"), v)
+             for k, v in LLAMA_KEYS.items()]
+    state: dict[str, torch.Tensor] = {}
+    unknown = []
+    for tensor in reader.tensors:
+        target = None
+        for pattern, template in rules:
+            match = pattern.match(tensor.name)
+            if match:
+                *layer, leaf = match.groups()
+                target = f"{template.format(*layer)}.{leaf}"
+                break
+        if target is None:
+            unknown.append(tensor.name)
+            continue
+        values = dequantize(tensor.data, tensor.tensor_type)
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest-first
+        array = np.array(values, dtype=np.float32, copy=True).reshape(shape)
+        weight = torch.from_numpy(array)
+        if target.endswith("q_proj.weight"):
+            weight = _unpermute(weight, config.num_heads)
+        elif target.endswith("k_proj.weight"):
+            assert config.num_kv_heads is not None
+            weight = _unpermute(weight, config.num_kv_heads)
+        state[target] = weight
+    if unknown:
+        raise CorruptFileError(f"{path}: unexpected GGUF tensor(s): {', '.join(unknown)}")
+    return state
+
+
+def tokenizer_from_gguf(meta: dict[str, Any], path: Path) -> Tokenizer:
+    """Byte-level BPE tokenizer rebuilt from ``tokenizer.ggml.*`` metadata."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise TokenizerError(f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: gpt2 byte-level BPE)")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise TokenizerError(f"{path}: GGUF pre-tokenizer {pre!r} is not supported (supported: {', '.join(PRE_TOKENIZERS)})")
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    backend = RustTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    types = meta.get("tokenizer.ggml.token_type") or []
+    control = [tokens[i] for i, t in enumerate(types) if t == 3]  # 3 = control token in llama.cpp
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+
+    def token(key: str) -> str | None:
+        index = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[index] if index is not None and 0 <= index < len(tokens) else None
+
+    special = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
+               "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id")}
+    return Tokenizer(backend, special, bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                     meta.get("tokenizer.chat_template"))
+
+
+def load_gguf(path: str | Path) -> tuple[Decoder, Tokenizer]:
+    """The decoder and tokenizer held in a GGUF file (dequantised to fp32)."""
+    path = Path(path)
+    reader = open_gguf(path)
+    meta = metadata(reader)
+    config = _config(meta, path)
+    state = read_gguf_weights(reader, config, path)
+    config.tie_embeddings = "lm_head.weight" not in state
+    model = Decoder(config)
+    load_into(model, state, str(path))
+    return model.eval(), tokenizer_from_gguf(meta, path)

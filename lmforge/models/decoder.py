@@ -1,0 +1,208 @@
+"""GPT-2 and Llama-family decoder-only transformer, one config-driven file.
+
+    tokens (B, T)
+      -> embed_tokens (+ embed_positions when position="learned")
+      -> num_layers x DecoderBlock:
+             x = x + self_attn(input_layernorm(x))        # causal, RoPE or none, GQA
+             x = x + mlp(post_attention_layernorm(x))     # SwiGLU or GELU MLP
+      -> norm
+    hidden (B, T, H);  logits = hidden @ output_weight.T  (tied to embed_tokens or lm_head)
+
+Module names follow Hugging Face Llama, so Llama key maps are the identity minus the
+``model.`` prefix; GPT-2 maps its fused Conv1D ``c_attn`` onto q/k/v here.
+``forward`` returns hidden states; losses live in objectives and tasks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.models.config import DecoderConfig
+from lmforge.models.layers import (
+    KVCache,
+    RMSNorm,
+    RotaryEmbedding,
+    activation,
+    apply_rotary,
+    attention_mask_for_sdpa,
+    init_weights,
+)
+
+
+def _norm(config: DecoderConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.hidden_size, eps=config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: DecoderConfig, layer_index: int) -> None:
+        super().__init__()
+        assert config.head_dim is not None and config.num_kv_heads is not None
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.layer_index = layer_index
+        self.dropout = config.dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            cos, sin = rotary
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer_index, k, v)  # (B, nkv, S, hd)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and past == 0 and T > 1,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU (down(act(gate(x)) * up(x))) or the plain GPT-2 MLP (down(act(up(x))))."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        bias = config.mlp_bias
+        self.gated = config.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: DecoderConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = _norm(config)
+        self.self_attn = SelfAttention(config, layer_index)
+        self.post_attention_layernorm = _norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotary, mask, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Decoder(nn.Module):
+    """Decoder-only language model body plus its output projection (``logits``)."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            self.rotary = None
+        else:
+            assert config.head_dim is not None
+            self.rotary = RotaryEmbedding(
+                config.head_dim, config.max_position_embeddings, config.rope_theta
+            )
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_layers))
+        self.norm = _norm(config)
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        init_weights(self, config.initializer_range, config.num_layers)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(V, H) matrix of the vocabulary projection: tied or separate."""
+        if self.config.tie_embeddings:
+            return self.embed_tokens.weight
+        return self.lm_head.weight
+
+    def new_cache(
+        self, batch_size: int, max_length: int, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """An empty KV cache sized for ``max_length`` total positions."""
+        assert self.config.head_dim is not None and self.config.num_kv_heads is not None
+        weight = self.embed_tokens.weight
+        return KVCache(
+            self.config.num_layers,
+            batch_size,
+            self.config.num_kv_heads,
+            self.config.head_dim,
+            max_length,
+            dtype=dtype or weight.dtype,
+            device=weight.device,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, H) for ``input_ids`` (B, T).
+
+        attention_mask: (B, past + T), 1 on real tokens, 0 on padding (left or right).
+        position_ids: (B, T); by default counted over real tokens, so left padding works.
+        cache: when given, new keys/values are appended and attention sees the past.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: take the fast causal path
+        if position_ids is None:
+            if attention_mask is not None:
+                counted = attention_mask.long().cumsum(-1) - 1  # (B, past + T)
+                position_ids = counted[:, past : past + T].clamp(min=0)
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        rotary = None
+        if self.rotary is not None:
+            rotary = self.rotary(position_ids)
+        else:
+            x = x + self.embed_positions(position_ids)
+        x = self.dropout(x)
+        mask = attention_mask_for_sdpa(attention_mask, T, past, causal=True)
+        for block in self.layers:
+            x = block(x, rotary, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (..., V) for hidden states (..., H)."""
+        return F.linear(hidden, self.output_weight)

@@ -1,0 +1,158 @@
+"""BERT-family encoder (BERT, MiniLM): post-LN blocks, absolute positions, token types.
+
+    tokens (B, T), token types (B, T)
+      -> embeddings: word + position + token_type -> norm -> dropout
+      -> num_layers x EncoderBlock:
+             x = attention_norm(x + attention(x))            # bidirectional, padding-masked
+             x = output_norm(x + output(act(intermediate(x))))
+    hidden (B, T, H);  pooled = tanh(pooler(hidden[:, 0]))   (when add_pooler)
+
+``MaskedLMHead`` is BERT's masked-LM head (transform + vocabulary projection tied to the
+word embeddings); it maps any (N, H) rows, so objectives project only the masked rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.models.config import EncoderConfig
+from lmforge.models.layers import activation, attention_mask_for_sdpa, init_weights
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        T = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)[None]  # (1, T)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, H = x.shape
+        q = self.query(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.key(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.value(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hd)
+        return self.output(y.transpose(1, 2).reshape(B, T, H))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.attention = Attention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.act = activation(config.hidden_act)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
+        return self.output_norm(x + self.dropout(self.output(self.act(self.intermediate(x)))))
+
+
+class Encoder(nn.Module):
+    """BERT-family encoder body; ``forward`` returns the last hidden states."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if config.add_pooler else None
+        init_weights(self, config.initializer_range)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, H). attention_mask (B, T): 1 on real tokens, 0 on padding."""
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        mask = attention_mask_for_sdpa(attention_mask, input_ids.shape[1], 0, causal=False)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
+        for block in self.layers:
+            x = block(x, mask)
+        return x
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT pooled output: tanh(W h_[CLS] + b), (B, H)."""
+        if self.pooler is None:
+            raise ValueError("this encoder was built without a pooler (add_pooler=False)")
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+
+class MaskedLMHead(nn.Module):
+    """BERT MLM head: dense -> act -> LayerNorm -> tied vocabulary projection + bias."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.act = activation(config.hidden_act)
+        init_weights(self, config.initializer_range)
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) for hidden rows (..., H); ``word_embeddings`` is (V, H)."""
+        return F.linear(self.norm(self.act(self.dense(hidden))), word_embeddings, self.bias)
+
+
+class MaskedLM(nn.Module):
+    """Encoder plus its masked-LM head; ``forward`` still returns hidden states."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.mlm_head = MaskedLMHead(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.encoder(input_ids, attention_mask, token_type_ids, position_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """MLM logits (..., V) for (..., H) hidden rows (pass only the rows you need)."""
+        return self.mlm_head(hidden, self.encoder.embeddings.word_embeddings.weight)

@@ -1,0 +1,173 @@
+"""Building blocks shared by the encoder and the decoder.
+
+Shapes: B batch, T query length, S key length (past + T), H hidden, nh heads,
+nkv key/value heads, hd head size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation function for a config's ``hidden_act``."""
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 whatever the input dtype (as Llama does)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * normed
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding tables (the half-split "rotate_half" convention)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.max_positions = max_positions
+        self._build(max_positions)
+
+    def _build(self, length: int) -> None:
+        positions = torch.arange(length, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq)  # (P, hd/2)
+        angles = torch.cat([freqs, freqs], dim=-1)  # (P, hd)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, 1, T, hd) for integer positions (B, T)."""
+        needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        if needed > self.cos.shape[0]:
+            self._build(max(needed, 2 * self.cos.shape[0]))
+            self.cos = self.cos.to(position_ids.device)
+            self.sin = self.sin.to(position_ids.device)
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, n, T, hd) by the angles in cos/sin (B, 1, T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated key/value cache for incremental decoding.
+
+    One (B, nkv, max_len, hd) buffer pair per layer, written in place; ``length`` counts
+    the positions already stored. Nothing is reallocated while decoding.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_length: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_length = max_length
+        self.length = 0
+
+    def update(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, nkv, T, hd) at the current end; return all keys/values so far."""
+        start, end = self.length, self.length + key.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} requested")
+        self.keys[layer][:, :, start:end] = key
+        self.values[layer][:, :, start:end] = value
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, steps: int) -> None:
+        """Called once per forward pass, after every layer has stored its keys/values."""
+        self.length += steps
+
+    def reorder(self, keep: torch.Tensor) -> None:
+        """Keep only the batch rows in ``keep`` (used when finished rows are dropped)."""
+        self.keys = [k[keep] for k in self.keys]
+        self.values = [v[keep] for v in self.values]
+
+
+def attention_mask_for_sdpa(
+    padding_mask: torch.Tensor | None,
+    query_length: int,
+    past_length: int,
+    causal: bool,
+) -> torch.Tensor | None:
+    """Boolean mask (B, 1, T, S) for ``scaled_dot_product_attention``, or None when plain.
+
+    ``padding_mask`` is (B, S) with 1 for real tokens over past + new positions. A query on
+    a padding position would see no key at all (NaN in softmax); it is allowed to see
+    itself so outputs stay finite — those rows are padding and are never read.
+    """
+    key_length = past_length + query_length
+    if padding_mask is None:
+        if not causal or query_length == 1 or past_length == 0:
+            return None  # the caller uses is_causal when past_length == 0
+    keys = torch.arange(key_length, device=_device(padding_mask))
+    queries = torch.arange(past_length, key_length, device=keys.device)
+    if causal:
+        allowed = keys[None, :] <= queries[:, None]  # (T, S)
+    else:
+        allowed = torch.ones(query_length, key_length, dtype=torch.bool, device=keys.device)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if padding_mask is not None:
+        real = padding_mask[:, None, None, :key_length].bool()  # (B, 1, 1, S)
+        diagonal = keys[None, :] == queries[:, None]
+        allowed = allowed & (real | diagonal[None, None])
+    return allowed
+
+
+def _device(tensor: torch.Tensor | None) -> torch.device | None:
+    return tensor.device if tensor is not None else None
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, std: float, num_layers: int | None = None) -> None:
+    """All weight initialisation in one place: normal(0, std) for Linear and Embedding
+    weights, zeros for biases, ones for norm scales. Output projections of residual
+    branches (``o_proj``, ``down_proj``, attention ``output``/block ``output``) are scaled by
+    1/sqrt(2 * num_layers) when ``num_layers`` is given, as GPT-2 does."""
+    residual_std = std / math.sqrt(2 * num_layers) if num_layers else std
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Linear):
+            is_residual_out = name.endswith(("o_proj", "down_proj"))
+            nn.init.normal_(child.weight, mean=0.0, std=residual_std if is_residual_out else std)
+            if child.bias is not None:
+                nn.init.zeros_(child.bias)
+        elif isinstance(child, nn.Embedding):
+            nn.init.normal_(child.weight, mean=0.0, std=std)
+        elif isinstance(child, (nn.LayerNorm, RMSNorm)):
+            nn.init.ones_(child.weight)
+            if getattr(child, "bias", None) is not None:
+                nn.init.zeros_(child.bias)

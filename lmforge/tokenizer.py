@@ -1,0 +1,168 @@
+"""Tokenizers: a thin layer over Hugging Face ``tokenizers`` (Rust) with the facts a
+model needs beside the vocabulary: special tokens, whether to add BOS, a chat template.
+
+Saved as ``tokenizer.json`` (the Rust tokenizer) plus ``tokenizer_config.json`` (our
+metadata, in the keys transformers also reads), so a checkpoint folder opens in both.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+from lmforge.errors import TokenizerError
+from lmforge.fileio import write_json
+
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
+
+
+class Tokenizer:
+    """A Rust tokenizer plus special tokens and an optional chat template."""
+
+    def __init__(
+        self,
+        backend: RustTokenizer,
+        special_tokens: dict[str, str | None] | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+
+    # -- ids of special tokens
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.special_tokens.get("bos_token"))
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self.special_tokens.get("eos_token"))
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.token_id(self.special_tokens.get("pad_token"))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    # -- encode / decode
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [
+            e.ids if not (add_special_tokens and self.add_bos and self.bos_id is not None)
+            else [self.bos_id, *e.ids]
+            for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        ]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """Render ``messages`` ([{"role": ..., "content": ...}]) with the chat template."""
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat template; drop --chat or use a chat model")
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message: str) -> None:
+            raise TokenizerError(f"chat template: {message}")
+
+        environment.globals["raise_exception"] = raise_exception
+        template = environment.from_string(self.chat_template)
+        return template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            **{k: v for k, v in self.special_tokens.items()},
+        )
+
+    # -- persistence
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json into ``folder``."""
+        folder = Path(folder)
+        self.backend.save(str(folder / "tokenizer.json"))
+        config: dict[str, Any] = dict(self.special_tokens)
+        config["add_bos_token"] = self.add_bos
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        write_json(folder / "tokenizer_config.json", config)
+
+    save_hf = save  # the same two files are what transformers reads
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Tokenizer:
+        """Load from tokenizer.json (+ tokenizer_config.json), or a BERT vocab.txt."""
+        folder = Path(folder)
+        config_path = folder / "tokenizer_config.json"
+        config: dict[str, Any] = {}
+        if config_path.exists():
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as error:
+                raise TokenizerError(f"{config_path}: not valid JSON ({error})") from error
+        special_map = folder / "special_tokens_map.json"
+        if special_map.exists():
+            for key, value in json.loads(special_map.read_text(encoding="utf-8")).items():
+                config.setdefault(key, value)
+        special = {k: _token_text(config.get(k)) for k in SPECIAL_KEYS}
+        if (folder / "tokenizer.json").exists():
+            try:
+                backend = RustTokenizer.from_file(str(folder / "tokenizer.json"))
+            except Exception as error:
+                raise TokenizerError(f"{folder / 'tokenizer.json'}: cannot load ({error})") from error
+        elif (folder / "vocab.txt").exists():
+            backend = wordpiece_from_vocab(folder / "vocab.txt", lowercase=config.get("do_lower_case", True))
+            for key, default in (("unk_token", "[UNK]"), ("pad_token", "[PAD]"), ("cls_token", "[CLS]"),
+                                 ("sep_token", "[SEP]"), ("mask_token", "[MASK]")):
+                special[key] = special.get(key) or default
+        else:
+            raise TokenizerError(f"{folder}: no tokenizer.json or vocab.txt")
+        return cls(backend, special, bool(config.get("add_bos_token", False)), config.get("chat_template"))
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):  # transformers' AddedToken form
+        return value.get("content")
+    return value
+
+
+def wordpiece_from_vocab(path: Path, lowercase: bool = True) -> RustTokenizer:
+    """A BERT WordPiece tokenizer from a vocab.txt (one token per line)."""
+    vocab: dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for index, line in enumerate(handle):
+            token = line.rstrip("\n")
+            if token in vocab:
+                raise TokenizerError(f"{path}:{index + 1}: duplicate token {token!r}")
+            vocab[token] = index
+    for needed in ("[UNK]", "[CLS]", "[SEP]"):
+        if needed not in vocab:
+            raise TokenizerError(f"{path}: vocabulary has no {needed} token")
+    backend = RustTokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase, handle_chinese_chars=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    backend.decoder = decoders.WordPiece(prefix="##")
+    return backend
