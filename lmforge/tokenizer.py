@@ -32,6 +32,10 @@ class Tokenizer:
         add_bos: bool = False,
         chat_template: str | None = None,
     ) -> None:
+        # Batching code pads and truncates explicitly; a tokenizer.json that pads to a fixed
+        # length on its own (some checkpoints ship one) would silently change every encoding.
+        backend.no_padding()
+        backend.no_truncation()
         self.backend = backend
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self.add_bos = add_bos

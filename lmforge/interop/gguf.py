@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
-from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as RustTokenizer
 
 from lmforge.errors import CorruptFileError, TokenizerError, UnknownArchitectureError
 from lmforge.interop.hf import load_into

@@ -321,7 +321,7 @@ def _hf_to_ours(
             layer = key.split(".")[1]
             leaf = key.rsplit(".", 1)[1]
             fused = tensor.t() if leaf == "weight" else tensor  # (3H, H) or (3H,)
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.chunk(3, dim=0)):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), fused.chunk(3, dim=0), strict=True):
                 ours[f"layers.{layer}.self_attn.{name}.{leaf}"] = part.contiguous()
             continue
         if model_type == "bert" and key == "cls.predictions.decoder.weight":

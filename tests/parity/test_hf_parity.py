@@ -160,6 +160,6 @@ def test_round_trip_ours_to_hf_to_transformers(tmp_path: Path, name: str) -> Non
             _close_on_real(ours.logits(hidden), theirs.logits, mask)
     # and back: the exported folder loads into an identical model of ours
     again, _ = load_hf(out)
-    for (key, a), (key_b, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+    for (key, a), (key_b, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
         assert key == key_b
         torch.testing.assert_close(a, b, atol=0, rtol=0)

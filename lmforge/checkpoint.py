@@ -1,0 +1,89 @@
+"""lmforge model folders, and one loader for every kind of weights a user may hold.
+
+An lmforge model folder holds ``model.safetensors`` (our key names), ``config.json``
+(``{"lmforge_version", "kind", "model": {...}}``) and the tokenizer files. It is written
+to a temporary folder and renamed, so a crash never leaves half a checkpoint.
+``load_pretrained`` opens that, a Hugging Face folder, or a ``.gguf`` file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lmforge.errors import CorruptFileError
+from lmforge.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json
+from lmforge.models import Decoder, Encoder, MaskedLM, config_from_dict
+from lmforge.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"Encoder": Encoder, "MaskedLM": MaskedLM, "Decoder": Decoder}
+
+
+def save_model(
+    model: nn.Module,
+    folder: str | Path,
+    tokenizer: Tokenizer | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (and tokenizer) as an lmforge model folder, atomically."""
+    kind = type(model).__name__
+    if kind not in MODEL_CLASSES:
+        raise TypeError(f"cannot save {kind}; expected one of {', '.join(MODEL_CLASSES)}")
+    folder = Path(folder)
+    config = {"lmforge_version": FORMAT_VERSION, "kind": kind, "model": model.config.to_dict(),  # type: ignore[union-attr,operator]
+              **(extra or {})}
+    with atomic_directory(folder) as tmp:
+        save_tensors(dict(model.state_dict()), tmp / "model.safetensors", metadata={"format": "pt"})
+        write_json(tmp / "config.json", config)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return folder
+
+
+def is_lmforge_folder(folder: Path) -> bool:
+    config = folder / "config.json"
+    return config.is_file() and "lmforge_version" in read_json(config)
+
+
+def load_model(folder: str | Path) -> nn.Module:
+    """The model stored in an lmforge model folder (strict: every tensor must match)."""
+    from lmforge.interop.hf import load_into
+
+    folder = Path(folder)
+    meta = read_json(folder / "config.json")
+    kind = meta.get("kind")
+    if kind not in MODEL_CLASSES:
+        raise CorruptFileError(f"{folder / 'config.json'}: kind={kind!r} is not one of {', '.join(MODEL_CLASSES)}")
+    model = MODEL_CLASSES[kind](config_from_dict(meta["model"]))
+    load_into(model, load_tensors(folder / "model.safetensors"), str(folder))
+    return model.eval()
+
+
+def load_tokenizer(folder: Path) -> Tokenizer | None:
+    if (folder / "tokenizer.json").exists() or (folder / "vocab.txt").exists():
+        return Tokenizer.load(folder)
+    return None
+
+
+def load_pretrained(path: str | Path, with_mlm_head: bool | None = None) -> tuple[nn.Module, Tokenizer | None]:
+    """Model and tokenizer from an lmforge folder, a Hugging Face folder or a GGUF file."""
+    path = Path(path)
+    if path.is_file():
+        from lmforge.interop.gguf import load_gguf
+
+        return load_gguf(path)
+    if not path.is_dir():
+        raise CorruptFileError(f"{path}: no such file or folder")
+    if not (path / "config.json").exists():
+        raise CorruptFileError(f"{path}: not a model folder (no config.json)")
+    if is_lmforge_folder(path):
+        model = load_model(path)
+    else:
+        from lmforge.interop.hf import load_hf
+
+        model, _ = load_hf(path, with_mlm_head=with_mlm_head)
+        model.eval()
+    return model, load_tokenizer(path)

@@ -1,0 +1,168 @@
+"""Model building blocks, presets, checkpoints and generation on tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lmforge.checkpoint import load_model, load_pretrained, save_model
+from lmforge.cli import main
+from lmforge.generation import (
+    GenerationConfig,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    generate,
+    generate_tokens,
+)
+from lmforge.interop.hf import save_hf
+from lmforge.models import PRESETS, Decoder, Encoder, MaskedLM, preset
+from lmforge.tokenizer import Tokenizer
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_valid(name: str) -> None:
+    config = preset(name)
+    assert config.hidden_size > 0
+
+
+def test_smollm2_preset_has_135m_parameters() -> None:
+    with torch.device("meta"):
+        model = Decoder(preset("smollm2-135m"))  # type: ignore[arg-type]
+    assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
+
+
+def test_encoder_padding_does_not_change_real_positions() -> None:
+    model = Encoder(preset("bert-tiny", vocab_size=50, hidden_dropout=0.0, attention_dropout=0.0)).eval()  # type: ignore[arg-type]
+    ids = torch.randint(1, 50, (1, 6))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[1] * 6 + [0] * 3])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), model(padded, mask)[:, :6], atol=1e-5, rtol=0)
+
+
+def test_left_padded_decoder_matches_unpadded() -> None:
+    model = Decoder(preset("llama-tiny", vocab_size=60)).eval()  # type: ignore[arg-type]
+    ids = torch.randint(0, 60, (1, 7))
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], dim=1)
+    mask = torch.tensor([[0, 0] + [1] * 7])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), model(padded, mask)[:, 2:], atol=1e-5, rtol=0)
+
+
+def _tiny_tokenizer() -> Tokenizer:
+    backend = RustTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(["the cat sat on the mat", "a dog and a cat", "hello world"] * 20, trainer)
+    return Tokenizer(backend, {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"},
+                     chat_template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                                   "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.mark.parametrize("kind", ["encoder", "mlm", "llama", "gpt2"])
+def test_checkpoint_round_trip(tmp_path: Path, kind: str) -> None:
+    if kind == "encoder":
+        model = Encoder(preset("bert-tiny", vocab_size=40))  # type: ignore[arg-type]
+    elif kind == "mlm":
+        model = MaskedLM(preset("bert-tiny", vocab_size=40))  # type: ignore[arg-type]
+    else:
+        model = Decoder(preset(f"{kind}-tiny", vocab_size=40, tie_embeddings=kind == "gpt2"))  # type: ignore[arg-type]
+    tokenizer = _tiny_tokenizer()
+    save_model(model, tmp_path / "ckpt", tokenizer)
+    again = load_model(tmp_path / "ckpt")
+    assert type(again) is type(model) and again.config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    _, loaded_tokenizer = load_pretrained(tmp_path / "ckpt")
+    assert loaded_tokenizer is not None
+    assert loaded_tokenizer.encode("the cat") == tokenizer.encode("the cat")
+    assert loaded_tokenizer.chat_template == tokenizer.chat_template
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
+    model = Decoder(preset("llama-tiny", vocab_size=40))  # type: ignore[arg-type]
+    save_model(model, tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+
+    class Broken:
+        def save(self, folder: Path) -> None:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_model(Decoder(preset("llama-tiny", vocab_size=40)), tmp_path / "ckpt", Broken())  # type: ignore[arg-type]
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_top_k_and_top_p_known_answers() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_top_k(logits, 2)).tolist() == [[False, False, True, True]]
+    # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is the first two tokens
+    assert torch.isinf(filter_top_p(logits, 0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_top_p(logits, 0.5)).tolist() == [[False, True, True, True]]
+    assert torch.isinf(filter_top_p(logits[:, [3, 1, 0, 2]], 0.7)).tolist() == [[True, False, False, True]]
+
+
+def test_repetition_penalty_known_answer() -> None:
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_greedy_generation_equals_recomputed_argmax() -> None:
+    model = Decoder(preset("gpt2-tiny", vocab_size=70)).eval()  # type: ignore[arg-type]
+    prompt = torch.randint(0, 70, (1, 5))
+    tokens = [int(t) for t in generate_tokens(model, prompt, GenerationConfig(max_new_tokens=6))]
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = model.logits(model(sequence)[:, -1]).argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, nxt], dim=1)
+    assert tokens == sequence[0, 5:].tolist()
+
+
+def test_batched_left_padded_generation_equals_one_by_one() -> None:
+    tokenizer = _tiny_tokenizer()
+    model = Decoder(preset("llama-tiny", vocab_size=tokenizer.vocab_size)).eval()  # type: ignore[arg-type]
+    prompts = ["the cat sat on", "hello"]
+    config = GenerationConfig(max_new_tokens=5, stop_token_ids=[10_000])
+    batched = generate(model, tokenizer, prompts, config)
+    single = [generate(model, tokenizer, p, config)[0] for p in prompts]
+    assert batched == single
+
+
+def test_sampling_is_seeded_and_stops() -> None:
+    tokenizer = _tiny_tokenizer()
+    model = Decoder(preset("llama-tiny", vocab_size=tokenizer.vocab_size)).eval()  # type: ignore[arg-type]
+    config = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, seed=3)
+    ids = torch.tensor([tokenizer.encode("the cat")])
+    first = [int(t) for t in generate_tokens(model, ids, config)]
+    assert first == [int(t) for t in generate_tokens(model, ids, config)]
+    stop_at = first[2]
+    stopped = [int(t) for t in generate_tokens(model, ids, GenerationConfig(
+        **{**config.__dict__, "stop_token_ids": [stop_at]}))]
+    assert stopped == first[: first.index(stop_at) + 1]
+    text = tokenizer.decode(first[:3])
+    cut = generate(model, tokenizer, "the cat", GenerationConfig(**{**config.__dict__, "stop_strings": [text[-1]]}))
+    assert text[-1] not in cut[0]
+
+
+def test_cli_generate_streams_from_checkpoint_and_hf_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tokenizer = _tiny_tokenizer()
+    model = Decoder(preset("gpt2-tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=64)).eval()  # type: ignore[arg-type]
+    save_model(model, tmp_path / "ckpt", tokenizer)
+    save_hf(model, tmp_path / "hf", tokenizer)
+    expected = generate(model, tokenizer, "the cat", GenerationConfig(max_new_tokens=6))[0]
+    for path in ("ckpt", "hf"):
+        assert main(["generate", "--model", str(tmp_path / path), "--prompt", "the cat", "--max_new_tokens", "6"]) == 0
+        assert capsys.readouterr().out == "the cat" + expected + "\n"
+    assert main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "hi", "--chat", "--max_new_tokens", "2"]) == 0
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
