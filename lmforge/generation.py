@@ -113,6 +113,8 @@ def generate_tokens(
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
+    if not model.training:
+        model.use_decoding_layout()
     cache = model.new_cache(B, total)
     mask = None
     if attention_mask is not None and not bool(attention_mask.all()):

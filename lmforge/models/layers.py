@@ -36,6 +36,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)  # one fused op
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * normed
 
@@ -57,10 +59,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (B, 1, T, hd) for integer positions (B, T)."""
-        needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
-        if needed > self.cos.shape[0]:
+    def forward(self, position_ids: torch.Tensor, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, 1, T, hd) for integer positions (B, T).
+
+        ``max_position`` (an upper bound on the positions, when the caller knows it) saves
+        reading the tensor back.
+        """
+        if max_position is None:
+            max_position = int(position_ids.max()) if position_ids.numel() else 0
+        if max_position + 1 > self.cos.shape[0]:
+            needed = max_position + 1
             self._build(max(needed, 2 * self.cos.shape[0]))
             self.cos = self.cos.to(position_ids.device)
             self.sin = self.sin.to(position_ids.device)
@@ -116,6 +124,47 @@ class KVCache:
         """Keep only the batch rows in ``keep`` (used when finished rows are dropped)."""
         self.keys = [k[keep] for k in self.keys]
         self.values = [v[keep] for v in self.values]
+
+
+def fuse_linears(linears: list[nn.Linear], column_major: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Re-store several Linear layers that read the same input as row blocks of one
+    (sum(out), in) matrix, so one product computes all of them.
+
+    Each ``weight`` becomes a view into the fused matrix: values, shapes and state-dict
+    keys are unchanged, and in-place updates (optimizer steps, ``load_state_dict``) keep
+    the two consistent. ``column_major`` stores the fused matrix as (in, sum(out)) in
+    memory. Returns the fused weight (out_total, in) and fused bias.
+    """
+    with torch.no_grad():
+        if column_major:
+            fused = torch.cat([layer.weight.t() for layer in linears], dim=1).contiguous().t()
+        else:
+            fused = torch.cat([layer.weight for layer in linears], dim=0).contiguous()
+        has_bias = all(layer.bias is not None for layer in linears)
+        bias = torch.cat([layer.bias for layer in linears]).contiguous() if has_bias else None  # type: ignore[misc]
+        start = 0
+        for layer in linears:
+            width = layer.weight.shape[0]
+            layer.weight.data = fused[start : start + width]
+            if bias is not None:
+                layer.bias.data = bias[start : start + width]  # type: ignore[union-attr]
+            start += width
+    return fused, bias
+
+
+def fused_is_current(fused: torch.Tensor | None, linears: list[nn.Module]) -> bool:
+    """True when ``linears`` are still plain Linear layers viewing ``fused`` (nothing has
+    swapped a module or assigned a new weight since ``fuse_linears``)."""
+    if fused is None:
+        return False
+    row = 0
+    for layer in linears:
+        if type(layer) is not nn.Linear:
+            return False
+        if layer.weight.data_ptr() != fused.data_ptr() + row * fused.stride(0) * fused.element_size():
+            return False
+        row += layer.weight.shape[0]
+    return True
 
 
 def attention_mask_for_sdpa(

@@ -166,3 +166,48 @@ def test_cli_generate_streams_from_checkpoint_and_hf_folder(tmp_path: Path, caps
     assert main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "hi", "--chat", "--max_new_tokens", "2"]) == 0
     assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_decoding_layout_keeps_values_and_outputs(name: str) -> None:
+    model = Decoder(preset(name, vocab_size=80, attention_bias=True)).eval()  # type: ignore[arg-type]
+    ids = torch.randint(0, 80, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model.logits(model(ids, mask))
+        model.use_decoding_layout()
+        model.use_decoding_layout()  # idempotent
+        after = model.logits(model(ids, mask))
+        cache = model.new_cache(2, 10)
+        stepped = torch.cat([model.logits(model(ids[:, :4], mask[:, :4], cache=cache))]
+                            + [model.logits(model(ids[:, t : t + 1], mask[:, : t + 1], cache=cache)) for t in range(4, 10)], 1)
+    assert model.layers[0].self_attn.fused_qkv is not None
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before_state[key]), key
+    keep = mask.bool()
+    torch.testing.assert_close(after[keep], before[keep], atol=1e-5, rtol=0)
+    torch.testing.assert_close(stepped[keep], before[keep], atol=1e-5, rtol=0)
+
+
+def test_fused_layout_follows_loaded_weights_and_swapped_modules() -> None:
+    model = Decoder(preset("llama-tiny", vocab_size=80)).eval()  # type: ignore[arg-type]
+    other = Decoder(preset("llama-tiny", vocab_size=80)).eval()  # type: ignore[arg-type]
+    ids = torch.randint(0, 80, (1, 6))
+    model.use_decoding_layout()
+    model.load_state_dict(other.state_dict())  # in-place copies keep the fused views current
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), other(ids), atol=1e-5, rtol=0)
+
+    class Scaled(torch.nn.Linear):  # stands in for an adapter wrapping q_proj
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    attention = model.layers[0].self_attn
+    swapped = Scaled(attention.q_proj.in_features, attention.q_proj.out_features, bias=False)
+    swapped.weight = attention.q_proj.weight
+    attention.q_proj = swapped
+    other.layers[0].self_attn.q_proj = swapped
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), other(ids), atol=1e-5, rtol=0)
