@@ -50,15 +50,15 @@ def is_lmforge_folder(folder: Path) -> bool:
 
 def load_model(folder: str | Path) -> nn.Module:
     """The model stored in an lmforge model folder (strict: every tensor must match)."""
-    from lmforge.interop.hf import load_into
+    from lmforge.interop.hf import build_from_state
 
     folder = Path(folder)
     meta = read_json(folder / "config.json")
     kind = meta.get("kind")
     if kind not in MODEL_CLASSES:
         raise CorruptFileError(f"{folder / 'config.json'}: kind={kind!r} is not one of {', '.join(MODEL_CLASSES)}")
-    model = MODEL_CLASSES[kind](config_from_dict(meta["model"]))
-    load_into(model, load_tensors(folder / "model.safetensors"), str(folder))
+    model = build_from_state(MODEL_CLASSES[kind], config_from_dict(meta["model"]),
+                             load_tensors(folder / "model.safetensors"), str(folder))
     return model.eval()
 
 

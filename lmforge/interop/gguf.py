@@ -19,7 +19,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as RustTokenizer
 
 from lmforge.errors import CorruptFileError, TokenizerError, UnknownArchitectureError
-from lmforge.interop.hf import load_into
+from lmforge.interop.hf import build_from_state
 from lmforge.models import Decoder, DecoderConfig
 from lmforge.tokenizer import Tokenizer
 
@@ -136,7 +136,9 @@ def read_gguf_weights(reader: GGUFReader, config: DecoderConfig, path: Path) -> 
             continue
         values = dequantize(tensor.data, tensor.tensor_type)
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest-first
-        array = np.array(values, dtype=np.float32, copy=True).reshape(shape)
+        array = np.asarray(values, dtype=np.float32).reshape(shape)
+        if not array.flags.writeable:  # unquantised tensors come back as views of the mapped file
+            array = array.copy()
         weight = torch.from_numpy(array)
         if target.endswith("q_proj.weight"):
             weight = _unpermute(weight, config.num_heads)
@@ -186,6 +188,5 @@ def load_gguf(path: str | Path) -> tuple[Decoder, Tokenizer]:
     config = _config(meta, path)
     state = read_gguf_weights(reader, config, path)
     config.tie_embeddings = "lm_head.weight" not in state
-    model = Decoder(config)
-    load_into(model, state, str(path))
-    return model.eval(), tokenizer_from_gguf(meta, path)
+    model = build_from_state(Decoder, config, state, str(path))
+    return model.eval(), tokenizer_from_gguf(meta, path)  # type: ignore[return-value]

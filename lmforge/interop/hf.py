@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,18 +340,40 @@ def _hf_to_ours(
     return ours
 
 
-def load_into(
-    model: nn.Module,
+def build_from_state(
+    model_class: Callable[[Any], nn.Module],
+    config: Any,
     state: dict[str, torch.Tensor],
     source: str,
     optional_prefixes: tuple[str, ...] = (),
     report: LoadReport | None = None,
-) -> LoadReport:
-    """Copy ``state`` into ``model`` strictly: every missing, unexpected or wrongly shaped
-    tensor is named in one ``WeightsError``. Keys under ``optional_prefixes`` may be
-    missing (they keep their fresh initialisation and are listed in the report)."""
-    report = report or LoadReport()
+) -> nn.Module:
+    """Build ``model_class(config)`` holding exactly ``state`` (checked as in ``load_into``).
+
+    When every tensor is present the model is built on the meta device and takes the
+    tensors as they are, so loading needs no second copy of the weights in memory.
+    """
+    with torch.device("meta"):
+        model = model_class(config)
     expected = model.state_dict()
+    if any(k not in state for k in expected):  # some tensors will keep a fresh init
+        model = model_class(config)
+        load_into(model, state, source, optional_prefixes, report)
+        return model
+    check_state(expected, state, source, optional_prefixes)
+    model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()},
+                          assign=True)
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers(device="cpu")
+    return model
+
+
+def check_state(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, optional_prefixes: tuple[str, ...] = ()
+) -> list[str]:
+    """Raise one ``WeightsError`` naming every missing, unexpected or wrongly shaped tensor;
+    return the missing keys that ``optional_prefixes`` allow."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [
@@ -369,6 +392,22 @@ def load_into(
         problems.append(f"wrong shape: {'; '.join(wrong_shape)}")
     if problems:
         raise WeightsError(f"{source}: " + " | ".join(problems))
+    return allowed_missing
+
+
+def load_into(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    optional_prefixes: tuple[str, ...] = (),
+    report: LoadReport | None = None,
+) -> LoadReport:
+    """Copy ``state`` into ``model`` strictly: every missing, unexpected or wrongly shaped
+    tensor is named in one ``WeightsError``. Keys under ``optional_prefixes`` may be
+    missing (they keep their fresh initialisation and are listed in the report)."""
+    report = report or LoadReport()
+    expected = model.state_dict()
+    allowed_missing = check_state(expected, state, source, optional_prefixes)
     with torch.no_grad():
         for key, tensor in state.items():
             expected[key].copy_(tensor.to(expected[key].dtype))
@@ -378,7 +417,7 @@ def load_into(
 
 def load_hf(
     folder: str | Path, with_mlm_head: bool | None = None
-) -> tuple[Encoder | MaskedLM | Decoder, LoadReport]:
+) -> tuple[nn.Module, LoadReport]:
     """Load a local Hugging Face folder into an lmforge model.
 
     BERT folders give an ``Encoder``, or a ``MaskedLM`` when the file has an MLM head or
@@ -406,15 +445,13 @@ def load_hf(
             raise WeightsError(f"{folder}: cls.predictions.decoder.weight is not tied to the word "
                                "embeddings; untied MLM decoders are not supported")
         if with_mlm_head or (with_mlm_head is None and has_head):
-            model: Encoder | MaskedLM | Decoder = MaskedLM(config)
             state = {(k if k.startswith("mlm_head.") else f"encoder.{k}"): v for k, v in state.items()}
-            load_into(model, state, str(folder), optional_prefixes=("mlm_head.",), report=report)
+            model: nn.Module = build_from_state(MaskedLM, config, state, str(folder), ("mlm_head.",), report)
         else:
-            model = Encoder(config)
             head_keys = [k for k in state if k.startswith("mlm_head.")]
             report.ignored.extend(head_keys)
             state = {k: v for k, v in state.items() if not k.startswith("mlm_head.")}
-            load_into(model, state, str(folder), report=report)
+            model = build_from_state(Encoder, config, state, str(folder), report=report)
     else:
         if config.tie_embeddings and "lm_head.weight" in state:
             if not torch.equal(state["lm_head.weight"], state.get("embed_tokens.weight", torch.empty(0))):
@@ -423,8 +460,7 @@ def load_hf(
                 state.pop("lm_head.weight")
         if not config.tie_embeddings and "lm_head.weight" not in state and "embed_tokens.weight" in state:
             config.tie_embeddings = True  # a headless base model: tie, as generation needs a head
-        model = Decoder(config)
-        load_into(model, state, str(folder), report=report)
+        model = build_from_state(Decoder, config, state, str(folder), report=report)
     if report.initialised:
         log.warning("%s: initialised %d tensor(s) not in the file: %s", folder,
                     len(report.initialised), ", ".join(report.initialised))

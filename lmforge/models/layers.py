@@ -47,13 +47,18 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.head_dim, self.theta, self.max_positions = head_dim, theta, max_positions
+        self.reset_buffers()
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the tables; also used after building a model on the meta device."""
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+                                         / self.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.max_positions = max_positions
-        self._build(max_positions)
+        self._build(self.max_positions)
 
     def _build(self, length: int) -> None:
-        positions = torch.arange(length, dtype=torch.float32)
+        positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
         freqs = torch.outer(positions, self.inv_freq)  # (P, hd/2)
         angles = torch.cat([freqs, freqs], dim=-1)  # (P, hd)
         self.register_buffer("cos", angles.cos(), persistent=False)
@@ -154,8 +159,12 @@ def fuse_linears(linears: list[nn.Linear], column_major: bool) -> tuple[torch.Te
 
 def fused_is_current(fused: torch.Tensor | None, linears: list[nn.Module]) -> bool:
     """True when ``linears`` are still plain Linear layers viewing ``fused`` (nothing has
-    swapped a module or assigned a new weight since ``fuse_linears``)."""
+    swapped a module or assigned a new weight since ``fuse_linears``) and no gradient is
+    being recorded for them: the fused tensor is not a parameter, so training always takes
+    the per-layer path that autograd sees."""
     if fused is None:
+        return False
+    if torch.is_grad_enabled() and any(layer.weight.requires_grad for layer in linears):  # type: ignore[union-attr]
         return False
     row = 0
     for layer in linears:

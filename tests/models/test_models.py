@@ -211,3 +211,19 @@ def test_fused_layout_follows_loaded_weights_and_swapped_modules() -> None:
     other.layers[0].self_attn.q_proj = swapped
     with torch.no_grad():
         torch.testing.assert_close(model(ids), other(ids), atol=1e-5, rtol=0)
+
+
+def test_training_after_decoding_layout_reaches_every_weight() -> None:
+    model = Decoder(preset("llama-tiny", vocab_size=80)).eval()  # type: ignore[arg-type]
+    reference = Decoder(preset("llama-tiny", vocab_size=80))  # type: ignore[arg-type]
+    reference.load_state_dict(model.state_dict())
+    model.use_decoding_layout()
+    ids = torch.randint(0, 80, (2, 7))
+    grads = []
+    for m in (model, reference):
+        m.train()
+        m.logits(m(ids)).logsumexp(-1).mean().backward()
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    for key, grad in grads[1].items():
+        assert grads[0][key] is not None, key
+        torch.testing.assert_close(grads[0][key], grad, atol=1e-5, rtol=1e-4)
