@@ -21,6 +21,21 @@ from lmforge.models.config import EncoderConfig
 from lmforge.models.layers import activation, attention_mask_for_sdpa, init_weights
 
 
+class Packing:
+    """Moves rows between the padded (B, T, ...) grid and the (N, ...) real tokens."""
+
+    def __init__(self, attention_mask: torch.Tensor) -> None:
+        self.shape = attention_mask.shape
+        self.index = attention_mask.reshape(-1).nonzero().squeeze(1)  # (N,)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)  # (N, H)
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        grid = rows.new_zeros(self.shape.numel(), rows.shape[-1])
+        return grid.index_copy(0, self.index, rows).view(*self.shape, rows.shape[-1])  # (B, T, H)
+
+
 class Embeddings(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
@@ -58,15 +73,20 @@ class Attention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.output = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        B, T, H = x.shape
-        q = self.query(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.key(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.value(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
+        """x is (B, T, H), or (N, H) real-token rows when ``packing`` is given."""
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if packing is not None:  # attention needs the padded grid; projections did not
+            q, k, v = packing.pad(q), packing.pad(k), packing.pad(v)
+        B, T, H = q.shape
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hd)
-        return self.output(y.transpose(1, 2).reshape(B, T, H))
+        y = y.transpose(1, 2).reshape(B, T, H)
+        return self.output(packing.unpad(y) if packing is not None else y)
 
 
 class EncoderBlock(nn.Module):
@@ -80,8 +100,8 @@ class EncoderBlock(nn.Module):
         self.act = activation(config.hidden_act)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
+        x = self.attention_norm(x + self.dropout(self.attention(x, mask, packing)))
         return self.output_norm(x + self.dropout(self.output(self.act(self.intermediate(x)))))
 
 
@@ -103,14 +123,22 @@ class Encoder(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states (B, T, H). attention_mask (B, T): 1 on real tokens, 0 on padding."""
+        """Hidden states (B, T, H). attention_mask (B, T): 1 on real tokens, 0 on padding.
+
+        With padding, every row-wise layer (projections, FFN, norms) runs on the real
+        tokens only; attention alone sees the padded grid. Padding positions of the
+        output are zeros.
+        """
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
         mask = attention_mask_for_sdpa(attention_mask, input_ids.shape[1], 0, causal=False)
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
+        packing = Packing(attention_mask) if attention_mask is not None else None
+        if packing is not None:
+            x = packing.unpad(x)  # (N, H), N = real tokens
         for block in self.layers:
-            x = block(x, mask)
-        return x
+            x = block(x, mask, packing)
+        return packing.pad(x) if packing is not None else x
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """BERT pooled output: tanh(W h_[CLS] + b), (B, H)."""
