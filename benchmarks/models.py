@@ -119,10 +119,10 @@ def child(side: str, folder: Path) -> None:
     else:
         import transformers
 
-        if who == "ours":
-            from lmforge.interop.gguf import load_gguf
+        if who == "ours":  # the same Hugging Face folder the transformers side reads
+            from lmforge.checkpoint import load_pretrained
 
-            model, tokenizer = load_gguf(smollm2_path())
+            model, tokenizer = load_pretrained(folder)
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
             from lmforge.tokenizer import Tokenizer

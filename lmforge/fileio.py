@@ -6,14 +6,14 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lmforge.errors import CorruptFileError
 
@@ -76,14 +76,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CorruptFileError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as error:
-            size = path.stat().st_size
-            raise CorruptFileError(
-                f"{path}: cannot read safetensors file ({size} bytes; truncated or not "
-                f"safetensors): {error}"
-            ) from error
+        return read_safetensors(path)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for foreign or damaged files
@@ -91,3 +84,59 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CorruptFileError(f"{path}: expected a flat dict of tensors")
     return state
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file into memory the process owns (no memory map).
+
+    A mapped file stays resident, and counted in RSS, for as long as any tensor of it
+    lives; reading into owned buffers lets a model re-lay its weights without holding two
+    copies. The format is an 8-byte header length, a JSON header, then raw tensor bytes.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+
+    def corrupt(reason: str) -> CorruptFileError:
+        return CorruptFileError(f"{path}: cannot read safetensors file ({size} bytes; truncated or not safetensors): "
+                                f"{reason}")
+
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise corrupt("shorter than the 8-byte header length")
+        (header_length,) = struct.unpack("<Q", prefix)
+        if header_length > min(size - 8, 100_000_000):
+            raise corrupt(f"header length {header_length} exceeds the file")
+        try:
+            header = json.loads(handle.read(header_length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise corrupt(f"header is not JSON ({error})") from error
+        data_start = 8 + header_length
+        tensors: dict[str, torch.Tensor] = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+            if dtype is None:
+                raise corrupt(f"tensor {name} has unsupported dtype {entry.get('dtype')!r}")
+            begin, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            tensor = torch.empty(shape, dtype=dtype)
+            if tensor.numel() * tensor.element_size() != end - begin:
+                raise corrupt(f"tensor {name}: shape {shape} does not match its {end - begin} bytes")
+            if data_start + end > size:
+                raise corrupt(f"tensor {name} ends at byte {data_start + end}, past the end of the file")
+            handle.seek(data_start + begin)
+            if end > begin:
+                buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                if handle.readinto(buffer) != end - begin:
+                    raise corrupt(f"tensor {name} is cut short")
+            tensors[name] = tensor
+    return tensors

@@ -8,18 +8,40 @@ metadata, in the keys transformers also reads), so a checkpoint folder opens in 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as RustTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.errors import TokenizerError
 from lmforge.fileio import write_json
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
+
+
+BERT_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+BPE_SPECIAL = ("<|endoftext|>", "<|pad|>")
+
+
+@dataclass
+class Encoded:
+    """One encoded text (or pair), with what span and word-level tasks need.
+
+    offsets: (start, end) character positions in the original text (of the first or the
+    second sequence, as ``sequence_ids`` says); (0, 0) for added special tokens.
+    word_ids: index of the word each token belongs to; None for special tokens.
+    """
+
+    ids: list[int]
+    token_type_ids: list[int]
+    offsets: list[tuple[int, int]]
+    word_ids: list[int | None]
+    sequence_ids: list[int | None]
+    special_tokens_mask: list[int]
 
 
 class Tokenizer:
@@ -74,6 +96,24 @@ class Tokenizer:
             else [self.bos_id, *e.ids]
             for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         ]
+
+    def encode_full(
+        self,
+        text: str | Sequence[str],
+        pair: str | Sequence[str] | None = None,
+        add_special_tokens: bool = True,
+    ) -> Encoded:
+        """Encode with offsets, word ids and token types. Pass lists of words (already
+        segmented, e.g. Chinese) to make ``word_ids`` follow that segmentation."""
+        pretokenized = not isinstance(text, str)
+        encoding = self.backend.encode(text, pair, is_pretokenized=pretokenized, add_special_tokens=add_special_tokens)
+        ids, types = list(encoding.ids), list(encoding.type_ids)
+        offsets, words = [tuple(o) for o in encoding.offsets], list(encoding.word_ids)
+        sequences, special = list(encoding.sequence_ids), list(encoding.special_tokens_mask)
+        if add_special_tokens and self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids, types, offsets = [self.bos_id, *ids], [0, *types], [(0, 0), *offsets]
+            words, sequences, special = [None, *words], [None, *sequences], [1, *special]
+        return Encoded(ids, types, offsets, words, sequences, special)  # type: ignore[arg-type]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -170,3 +210,60 @@ def wordpiece_from_vocab(path: Path, lowercase: bool = True) -> RustTokenizer:
     )
     backend.decoder = decoders.WordPiece(prefix="##")
     return backend
+
+
+def _batches(documents: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for document in documents:
+        batch.append(document)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def train_wordpiece(
+    documents: Iterable[str],
+    vocab_size: int = 30522,
+    lowercase: bool = True,
+    min_frequency: int = 2,
+    show_progress: bool = True,
+) -> Tokenizer:
+    """Train a BERT-style WordPiece tokenizer: BERT normalisation (optional lowercasing,
+    accents stripped with it), every CJK character its own word, [CLS] A [SEP] B [SEP]."""
+    backend = RustTokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase, handle_chinese_chars=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=list(BERT_SPECIAL), show_progress=show_progress)
+    backend.train_from_iterator(_batches(documents), trainer)
+    cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    special = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+               "mask_token": "[MASK]"}
+    return Tokenizer(backend, special)
+
+
+def train_bpe(
+    documents: Iterable[str],
+    vocab_size: int = 32000,
+    min_frequency: int = 2,
+    show_progress: bool = True,
+) -> Tokenizer:
+    """Train a GPT-style byte-level BPE tokenizer (no unknown tokens: every byte is in the
+    vocabulary). ``<|endoftext|>`` is both BOS and EOS, as in GPT-2; ``<|pad|>`` pads."""
+    backend = RustTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(BPE_SPECIAL), show_progress=show_progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(_batches(documents), trainer)
+    special = {"bos_token": BPE_SPECIAL[0], "eos_token": BPE_SPECIAL[0], "pad_token": BPE_SPECIAL[1]}
+    return Tokenizer(backend, special, add_bos=False)

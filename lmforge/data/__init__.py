@@ -1,0 +1,1 @@
+"""Data: sources (user files), corpora (packaged real data), shards, loaders."""

