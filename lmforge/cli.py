@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -96,22 +99,129 @@ def generate(
     return shown
 
 
-COMMANDS = {"generate": generate}
+def tokenizer_train(
+    output: str,
+    kind: Literal["wordpiece", "bpe"] = "wordpiece",
+    corpus: list[str] | None = None,
+    files: list[str] | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    text_mode: Literal["file", "blocks", "lines"] = "blocks",
+    vocab_size: int = 30522,
+    lowercase: bool = True,
+    min_frequency: int = 2,
+) -> None:
+    """Train a tokenizer and save tokenizer.json + tokenizer_config.json in OUTPUT.
+
+    Args:
+        output: folder to write.
+        kind: wordpiece (BERT style: [CLS] [SEP] [MASK], CJK split per character) or bpe
+            (byte-level, GPT style).
+        corpus: named corpora (see `lmforge corpora`).
+        files: text/JSONL/CSV/TSV/Parquet files or globs.
+        split: split of the named corpora to read.
+        text_field: field holding the text in structured files.
+        text_mode: for plain text files: one document per file, blank-line block or line.
+        vocab_size: target vocabulary size.
+        lowercase: lowercase (WordPiece only).
+        min_frequency: minimum pair frequency for a merge.
+    """
+    from lmforge.data import document_source
+    from lmforge.tokenizer import train_bpe, train_wordpiece
+
+    documents = document_source(corpus, files, split, text_field, text_mode)()
+    if kind == "wordpiece":
+        tokenizer = train_wordpiece(documents, vocab_size, lowercase=lowercase, min_frequency=min_frequency)
+    else:
+        tokenizer = train_bpe(documents, vocab_size, min_frequency=min_frequency)
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(folder)
+    print(f"saved a {kind} tokenizer with {tokenizer.vocab_size:,} tokens to {folder}")
 
 
-def expand_bool_flags(argv: list[str]) -> list[str]:
-    """Let a bare ``--flag`` mean ``--flag true`` for boolean parameters of the command."""
-    if not argv or argv[0] not in COMMANDS:
+def prepare(
+    tokenizer: str,
+    output: str,
+    corpus: list[str] | None = None,
+    files: list[str] | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    text_mode: Literal["file", "blocks", "lines"] = "blocks",
+    workers: int | None = None,
+    shard_tokens: int = 50_000_000,
+) -> None:
+    """Tokenize a corpus once into memory-mapped token shards (reused when inputs match).
+
+    Args:
+        tokenizer: folder with tokenizer.json (a tokenizer or model folder).
+        output: shard folder to write.
+        corpus: named corpora.
+        files: text/JSONL/CSV/TSV/Parquet files or globs.
+        split: split of the named corpora.
+        text_field: field holding the text in structured files.
+        text_mode: for plain text files: file, blocks or lines.
+        workers: tokenizer processes (default: one per core).
+        shard_tokens: tokens per shard file.
+    """
+    from lmforge.data import document_source
+    from lmforge.data.shards import prepare_shards
+    from lmforge.tokenizer import Tokenizer
+
+    source = document_source(corpus, files, split, text_field, text_mode)
+    prepare_shards(source, Tokenizer.load(tokenizer), output, workers=workers, shard_tokens=shard_tokens)
+
+
+def corpora() -> None:
+    """List the named corpora, where each comes from, and its licence."""
+    from lmforge.data.corpora import CORPORA
+
+    for item in CORPORA.values():
+        print(f"{item.name:18} {item.description}\n{'':18} source: {item.source}; licence: {item.licence}")
+
+
+COMMANDS: dict[str, Any] = {
+    "generate": generate,
+    "tokenizer": {"train": tokenizer_train},
+    "prepare": prepare,
+    "corpora": corpora,
+}
+
+
+def _command(argv: list[str]) -> Callable[..., Any] | None:
+    """The function a command line names (walking nested subcommands)."""
+    node: Any = COMMANDS
+    for arg in argv:
+        if not isinstance(node, dict) or arg not in node:
+            break
+        node = node[arg]
+    return node if callable(node) else None
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """Conventional flags for the command's typed parameters: a bare ``--flag`` means
+    ``--flag true`` for booleans, and a list parameter may be repeated
+    (``--corpus a --corpus b``) as well as given as a JSON list."""
+    function = _command(argv)
+    if function is None:
         return argv
     import typing
 
-    hints = typing.get_type_hints(COMMANDS[argv[0]])
-    flags = {f"--{name}" for name, hint in hints.items() if hint is bool}
-    flags |= {f"--{name.replace('_', '-')}" for name, hint in hints.items() if hint is bool}
+    hints = typing.get_type_hints(function)
+
+    def names(wanted: Callable[[Any], bool]) -> set[str]:
+        chosen = {name for name, hint in hints.items() if wanted(hint)}
+        return {f"--{n}" for n in chosen} | {f"--{n.replace('_', '-')}" for n in chosen}
+
+    flags = names(lambda hint: hint is bool)
+    lists = names(lambda hint: list in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint))))
     expanded: list[str] = []
     for index, arg in enumerate(argv):
-        expanded.append(arg)
         following = argv[index + 1] if index + 1 < len(argv) else None
+        if arg in lists and following is not None and not following.startswith("["):
+            expanded.append(arg + "+")
+            continue
+        expanded.append(arg)
         if arg in flags and (following is None or following.startswith("--")):
             expanded.append("true")
     return expanded
@@ -120,7 +230,7 @@ def expand_bool_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
-    argv = expand_bool_flags(list(sys.argv[1:] if argv is None else argv))
+    argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
     try:
         CLI(COMMANDS, args=argv, as_positional=False)
     except LmforgeError as error:

@@ -1,1 +1,32 @@
 """Data: sources (user files), corpora (packaged real data), shards, loaders."""
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from lmforge.errors import DataError
+
+
+def document_source(
+    corpus: Sequence[str] | None = None,
+    files: Sequence[str] | None = None,
+    split: str | None = "train",
+    text_field: str = "text",
+    text_mode: str = "blocks",
+) -> Callable[[], Iterable[str]]:
+    """A re-readable stream of documents from named corpora and/or user files (globs).
+
+    ``split`` applies to named corpora (None = all splits); user files are read whole.
+    """
+    from lmforge.data.corpora import corpus as named
+    from lmforge.data.sources import read_documents
+
+    if not corpus and not files:
+        raise DataError("give at least one --corpus NAME or --files PATH")
+    chosen = [named(name) for name in corpus or []]  # unknown names fail now, not mid-run
+
+    def stream() -> Iterator[str]:
+        for item in chosen:
+            yield from item.documents(split)  # type: ignore[arg-type]
+        if files:
+            yield from read_documents(list(files), text_field=text_field, text_mode=text_mode)  # type: ignore[arg-type]
+
+    return stream
