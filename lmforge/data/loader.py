@@ -109,14 +109,24 @@ class PackedLoader(_Resumable):
         return order[index * self.batch_size : (index + 1) * self.batch_size]
 
     def batch_at(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        """``input_ids`` (B, T) int64, and ``word_starts`` (B, T) bool when the shards
+        store word boundaries ([CLS]/[SEP] count as words of their own)."""
         rows = np.empty((self.batch_size, self.seq_len), dtype=np.int64)
+        has_words = self.shards.word_start_arrays is not None
+        starts = np.ones((self.batch_size, self.seq_len), dtype=bool) if has_words else None
         offset = 1 if self.cls_id is not None else 0
         for row, block in enumerate(self.block_ids(epoch, index)):
             start = int(block) * self.content
             rows[row, offset : offset + self.content] = self.shards.tokens(start, start + self.content)
+            if starts is not None:
+                starts[row, offset : offset + self.content] = self.shards.word_starts(start, start + self.content)
+                starts[row, offset] = True  # a block may begin mid-word
         if self.cls_id is not None:
             rows[:, 0], rows[:, -1] = self.cls_id, self.sep_id
-        return {"input_ids": torch.from_numpy(rows)}
+        batch = {"input_ids": torch.from_numpy(rows)}
+        if starts is not None:
+            batch["word_starts"] = torch.from_numpy(starts)
+        return batch
 
 
 class SentencePairLoader(_Resumable):

@@ -52,14 +52,22 @@ def _init_worker(tokenizer_json: str) -> None:
     _worker_tokenizer = RustTokenizer.from_str(tokenizer_json)
 
 
-def _encode_chunk(documents: list[str], dtype: str, separator: int | None, bos: int | None) -> tuple[bytes, bytes]:
-    """Token ids of a chunk (documents back to back, each closed by the separator) and the
-    document lengths, as raw bytes (cheap to send between processes, no pickled objects)."""
+def _encode_chunk(
+    documents: list[str] | list[list[str]], dtype: str, separator: int | None, bos: int | None, word_starts: bool
+) -> tuple[bytes, bytes, bytes]:
+    """Token ids of a chunk (documents back to back, each closed by the separator), the
+    document lengths, and (when asked) a 0/1 byte per token marking the first token of
+    each word — all as raw bytes (cheap to send between processes, nothing pickled).
+
+    Documents given as lists of words keep that segmentation (e.g. segmented Chinese).
+    """
     assert _worker_tokenizer is not None
-    encodings = _worker_tokenizer.encode_batch(documents, add_special_tokens=False)
+    pretokenized = bool(documents) and not isinstance(documents[0], str)
+    encodings = _worker_tokenizer.encode_batch(documents, is_pretokenized=pretokenized, add_special_tokens=False)
     extra = (separator is not None) + (bos is not None)
     lengths = np.fromiter((len(e.ids) + extra for e in encodings), dtype=np.int64, count=len(encodings))
     tokens = np.empty(int(lengths.sum()), dtype=dtype)
+    starts = np.ones(len(tokens), dtype=np.uint8) if word_starts else np.empty(0, dtype=np.uint8)
     position = 0
     for encoding in encodings:
         if bos is not None:
@@ -67,11 +75,14 @@ def _encode_chunk(documents: list[str], dtype: str, separator: int | None, bos: 
             position += 1
         ids = encoding.ids
         tokens[position : position + len(ids)] = ids
+        if word_starts and ids:
+            words = np.array([-1 if w is None else w for w in encoding.word_ids], dtype=np.int64)
+            starts[position + 1 : position + len(ids)] = words[1:] != words[:-1]
         position += len(ids)
         if separator is not None:
             tokens[position] = separator
             position += 1
-    return tokens.tobytes(), lengths.tobytes()
+    return tokens.tobytes(), lengths.tobytes(), starts.tobytes()
 
 
 # -------------------------------------------------------------------- main side
@@ -84,15 +95,29 @@ class ShardInfo:
     documents: int
 
 
-def _chunks(documents: Iterable[str], chunk_bytes: int) -> Iterator[tuple[list[str], int]]:
-    """Documents grouped into chunks of about ``chunk_bytes`` UTF-8 bytes (with the size)."""
-    chunk: list[str] = []
+Document = str | list[str]  # text, or a list of words (already segmented)
+
+
+def _document_bytes(document: Document) -> bytes:
+    if isinstance(document, str):
+        return document.encode("utf-8")
+    if isinstance(document, list) and all(isinstance(w, str) for w in document):
+        return "".join(document).encode("utf-8")
+    raise DataError(f"documents must be strings or lists of words, found {type(document).__name__}")
+
+
+def _chunks(documents: Iterable[Document], chunk_bytes: int) -> Iterator[tuple[list[Document], int]]:
+    """Documents grouped into chunks of about ``chunk_bytes`` UTF-8 bytes (with the size);
+    a chunk never mixes texts and word lists."""
+    chunk: list[Document] = []
     size = 0
     for document in documents:
-        if not isinstance(document, str):
-            raise DataError(f"documents must be strings, found {type(document).__name__}")
+        data = _document_bytes(document)
+        if chunk and isinstance(document, str) != isinstance(chunk[0], str):
+            yield chunk, size
+            chunk, size = [], 0
         chunk.append(document)
-        size += len(document.encode("utf-8"))
+        size += len(data)
         if size >= chunk_bytes:
             yield chunk, size
             chunk, size = [], 0
@@ -100,14 +125,16 @@ def _chunks(documents: Iterable[str], chunk_bytes: int) -> Iterator[tuple[list[s
         yield chunk, size
 
 
-def fingerprint(documents: Iterable[str], tokenizer: Tokenizer, options: dict[str, object]) -> tuple[str, int, int]:
+def fingerprint(documents: Iterable[Document], tokenizer: Tokenizer, options: dict[str, object]) -> tuple[str, int, int]:
     """Content hash of (tokenizer, options, documents); also returns bytes and document count."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(tokenizer.backend.to_str().encode("utf-8"))
     digest.update(json.dumps(options, sort_keys=True).encode("utf-8"))
     total = count = 0
     for document in documents:
-        data = document.encode("utf-8")
+        data = _document_bytes(document)
+        if not isinstance(document, str):  # word boundaries are part of the content
+            data = "\u2063".join(document).encode("utf-8")
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
         total += len(data)
@@ -125,13 +152,14 @@ def separator_id(tokenizer: Tokenizer) -> int | None:
 
 
 def prepare_shards(
-    documents: Callable[[], Iterable[str]],
+    documents: Callable[[], Iterable[Document]],
     tokenizer: Tokenizer,
     output: str | Path,
     workers: int | None = None,
     shard_tokens: int = 50_000_000,
     chunk_bytes: int = 1 << 20,
     add_bos: bool | None = None,
+    word_starts: bool = False,
     progress: bool = True,
 ) -> Path:
     """Tokenize ``documents()`` into shards under ``output``; reuse them if the inputs match.
@@ -139,6 +167,8 @@ def prepare_shards(
     documents: a function returning a fresh iterable (it is read twice: once to hash the
     content, once to tokenize, so nothing has to be held in memory).
     add_bos: put BOS before each document (default: the tokenizer's own ``add_bos``).
+    word_starts: also store which tokens start a word (for whole-word masking); word
+    lists as documents define the words, otherwise the tokenizer's pre-tokenizer does.
     """
     output = Path(output)
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
@@ -146,7 +176,8 @@ def prepare_shards(
     dtype = "uint16" if vocab_size <= 65_536 else "uint32"
     separator = separator_id(tokenizer)
     bos = tokenizer.bos_id if (tokenizer.add_bos if add_bos is None else add_bos) else None
-    options = {"version": FORMAT_VERSION, "dtype": dtype, "separator": separator, "bos": bos, "shard_tokens": shard_tokens}
+    options = {"version": FORMAT_VERSION, "dtype": dtype, "separator": separator, "bos": bos,
+               "shard_tokens": shard_tokens, "word_starts": word_starts}
     print_fn = tqdm.write if progress else (lambda *_: None)
     key, total_bytes, document_count = fingerprint(documents(), tokenizer, options)
     if document_count == 0:
@@ -164,11 +195,13 @@ def prepare_shards(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     shards: list[ShardInfo] = []
-    state = {"handle": None, "tokens": 0, "starts": [0]}
+    state = {"handle": None, "words": None, "tokens": 0, "starts": [0]}
 
     def open_shard() -> None:
         path = tmp / f"shard-{len(shards):05d}.bin"
         state["handle"] = open(path, "wb")  # noqa: SIM115 - closed in close_shard
+        if word_starts:
+            state["words"] = open(path.with_suffix(".words.bin"), "wb")  # noqa: SIM115
         state["tokens"], state["starts"] = 0, [0]
         shards.append(ShardInfo(path, 0, 0))
 
@@ -177,17 +210,21 @@ def prepare_shards(
         if handle is None:
             return
         handle.close()  # type: ignore[attr-defined]
+        if state["words"] is not None:
+            state["words"].close()  # type: ignore[attr-defined]
         info = shards[-1]
         starts = np.asarray(state["starts"], dtype=np.int64)
         np.save(info.path.with_suffix(".docs.npy"), starts, allow_pickle=False)
         info.tokens, info.documents = int(starts[-1]), len(starts) - 1
         state["handle"] = None
 
-    def write(tokens: np.ndarray, lengths: np.ndarray) -> None:
+    def write(tokens: np.ndarray, lengths: np.ndarray, starts: bytes) -> None:
         if state["handle"] is None or state["tokens"] >= shard_tokens:  # type: ignore[operator]
             close_shard()
             open_shard()
         state["handle"].write(tokens.tobytes())  # type: ignore[union-attr]
+        if state["words"] is not None:
+            state["words"].write(starts)  # type: ignore[attr-defined]
         ends = state["tokens"] + np.cumsum(lengths)  # type: ignore[operator]
         state["starts"].extend(ends.tolist())  # type: ignore[union-attr]
         state["tokens"] = int(ends[-1]) if len(ends) else state["tokens"]
@@ -199,19 +236,20 @@ def prepare_shards(
     try:
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer.backend.to_str(),)) as pool:
             for chunk, chunk_size in _chunks(documents(), chunk_bytes):
-                in_flight.append(pool.submit(_encode_chunk, chunk, dtype, separator, bos))
+                in_flight.append(pool.submit(_encode_chunk, chunk, dtype, separator, bos, word_starts))
                 in_flight[-1].add_done_callback(lambda _f, n=chunk_size: bar.update(n))
                 while len(in_flight) >= 2 * workers:  # bounded memory: wait for the oldest
-                    tokens, lengths = in_flight.popleft().result()
-                    write(np.frombuffer(tokens, dtype=dtype), np.frombuffer(lengths, dtype=np.int64))
+                    tokens, lengths, starts = in_flight.popleft().result()
+                    write(np.frombuffer(tokens, dtype=dtype), np.frombuffer(lengths, dtype=np.int64), starts)
             while in_flight:
-                tokens, lengths = in_flight.popleft().result()
-                write(np.frombuffer(tokens, dtype=dtype), np.frombuffer(lengths, dtype=np.int64))
+                tokens, lengths, starts = in_flight.popleft().result()
+                write(np.frombuffer(tokens, dtype=dtype), np.frombuffer(lengths, dtype=np.int64), starts)
         close_shard()
     except BaseException:
         bar.close()
-        if state["handle"] is not None:
-            state["handle"].close()  # type: ignore[attr-defined]
+        for key in ("handle", "words"):
+            if state[key] is not None:
+                state[key].close()  # type: ignore[attr-defined]
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     bar.close()
@@ -223,6 +261,7 @@ def prepare_shards(
         "vocab_size": vocab_size,
         "separator_id": separator,
         "bos_id": bos,
+        "word_starts": word_starts,
         "documents": sum(s.documents for s in shards),
         "tokens": sum(s.tokens for s in shards),
         "bytes": total_bytes,
@@ -259,6 +298,11 @@ class TokenShards:
         self.document_starts = np.concatenate([s[:-1] + o for s, o in zip(starts, offsets[:-1], strict=True)]
                                               + [offsets[-1:]])
         self.separator_id = self.index["separator_id"]
+        self.word_start_arrays = None
+        if self.index.get("word_starts"):
+            self.word_start_arrays = [np.memmap((self.folder / s["file"]).with_suffix(".words.bin"), dtype=np.uint8,
+                                                mode="r") if s["tokens"] else np.zeros(0, dtype=np.uint8)
+                                      for s in self.index["shards"]]
 
     def __len__(self) -> int:
         """Total tokens."""
@@ -270,14 +314,23 @@ class TokenShards:
 
     def tokens(self, start: int, end: int) -> np.ndarray:
         """Tokens [start, end) of the global stream (crossing shard boundaries if needed)."""
+        return self._slice(self.arrays, start, end)
+
+    def word_starts(self, start: int, end: int) -> np.ndarray:
+        """1 where token i of [start, end) starts a word (shards prepared with word_starts)."""
+        if self.word_start_arrays is None:
+            raise DataError(f"{self.folder}: shards were prepared without word boundaries (word_starts=True)")
+        return self._slice(self.word_start_arrays, start, end)
+
+    def _slice(self, arrays: list[np.ndarray], start: int, end: int) -> np.ndarray:
         if start < 0 or end > len(self) or start > end:
             raise IndexError(f"token range [{start}, {end}) outside [0, {len(self)})")
         pieces = []
         shard = int(np.searchsorted(self.shard_offsets, start, side="right") - 1)
         while start < end:
             local = start - self.shard_offsets[shard]
-            take = min(end - start, len(self.arrays[shard]) - local)
-            pieces.append(np.asarray(self.arrays[shard][local : local + take]))
+            take = min(end - start, len(arrays[shard]) - local)
+            pieces.append(np.asarray(arrays[shard][local : local + take]))
             start += take
             shard += 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)

@@ -221,19 +221,27 @@ class Decoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states (B, T, H) for ``input_ids`` (B, T).
 
         attention_mask: (B, past + T), 1 on real tokens, 0 on padding (left or right).
         position_ids: (B, T); by default counted over real tokens, so left padding works.
         cache: when given, new keys/values are appended and attention sees the past.
+        document_ids: (B, T) for packed training sequences: attention stays inside each
+            document and positions restart at each document (unless position_ids given).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: take the fast causal path
         counted_positions = position_ids is None  # then no position exceeds past + T - 1
-        if position_ids is None:
+        if position_ids is None and document_ids is not None:
+            steps = torch.arange(T, device=input_ids.device).expand(B, T)
+            starts = torch.where(torch.cat([torch.ones_like(document_ids[:, :1], dtype=torch.bool),
+                                            document_ids[:, 1:] != document_ids[:, :-1]], 1), steps, 0)
+            position_ids = steps - starts.cummax(1).values
+        elif position_ids is None:
             if attention_mask is not None:
                 counted = attention_mask.long().cumsum(-1) - 1  # (B, past + T)
                 position_ids = counted[:, past : past + T].clamp(min=0)
@@ -246,7 +254,7 @@ class Decoder(nn.Module):
         else:
             x = x + self.embed_positions(position_ids)
         x = self.dropout(x)
-        mask = attention_mask_for_sdpa(attention_mask, T, past, causal=True)
+        mask = attention_mask_for_sdpa(attention_mask, T, past, causal=True, document_ids=document_ids)
         for block in self.layers:
             x = block(x, rotary, mask, cache)
         if cache is not None:

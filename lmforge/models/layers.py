@@ -181,14 +181,23 @@ def attention_mask_for_sdpa(
     query_length: int,
     past_length: int,
     causal: bool,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask (B, 1, T, S) for ``scaled_dot_product_attention``, or None when plain.
 
     ``padding_mask`` is (B, S) with 1 for real tokens over past + new positions. A query on
     a padding position would see no key at all (NaN in softmax); it is allowed to see
     itself so outputs stay finite — those rows are padding and are never read.
+    ``document_ids`` (B, T), for packed sequences without a cache: a token attends only
+    within its own document.
     """
     key_length = past_length + query_length
+    if document_ids is not None:
+        same = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # (B, 1, T, T)
+        rest = attention_mask_for_sdpa(padding_mask, query_length, past_length, causal)
+        if rest is None and causal:
+            rest = torch.ones(query_length, query_length, dtype=torch.bool, device=document_ids.device).tril()[None, None]
+        return same if rest is None else same & rest
     if padding_mask is None:
         if not causal or query_length == 1 or past_length == 0:
             return None  # the caller uses is_causal when past_length == 0
