@@ -21,6 +21,9 @@ import torch
 from torch import nn
 
 
+Prepared = tuple[dict[str, torch.Tensor], dict[str, int]]  # (batch with labels, target counts per term)
+
+
 @dataclass
 class ObjectiveOutput:
     """Per-term loss sums and summable statistics of one micro-batch."""
@@ -34,7 +37,7 @@ class Objective(nn.Module):
 
     model: nn.Module
 
-    def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> Prepared:
         raise NotImplementedError
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:  # type: ignore[override]

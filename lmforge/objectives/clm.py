@@ -14,7 +14,7 @@ import torch
 
 from lmforge.data.loader import IGNORE_INDEX
 from lmforge.models import Decoder
-from lmforge.objectives.base import Objective, ObjectiveOutput
+from lmforge.objectives.base import Objective, ObjectiveOutput, Prepared
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -96,7 +96,7 @@ class CausalLMObjective(Objective):
         self.document_mask = document_mask
         self.chunk_rows = chunk_rows
 
-    def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> Prepared:
         ids = batch["input_ids"]
         labels = ids[:, 1:].clone()
         if "attention_mask" in batch:

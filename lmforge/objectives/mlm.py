@@ -21,7 +21,7 @@ from torch import nn
 
 from lmforge.data.loader import IGNORE_INDEX
 from lmforge.models import MaskedLM
-from lmforge.objectives.base import Objective, ObjectiveOutput
+from lmforge.objectives.base import Objective, ObjectiveOutput, Prepared
 
 
 @dataclass
@@ -116,7 +116,7 @@ class MaskedLMObjective(Objective):
 
             init_weights(self.pair_head, model.config.initializer_range)
 
-    def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> Prepared:
         inputs, labels = mask_tokens(batch["input_ids"], self.mask_id, self.model.config.vocab_size, self.special_ids,
                                      self.masking, generator, batch.get("word_starts"))
         prepared = {**batch, "input_ids": inputs, "labels": labels}
