@@ -29,18 +29,25 @@ def save_model(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (and tokenizer) as an lmforge model folder, atomically."""
+    folder = Path(folder)
+    with atomic_directory(folder) as tmp:
+        write_model_files(model, tmp, tokenizer, extra)
+    return folder
+
+
+def write_model_files(
+    model: nn.Module, folder: Path, tokenizer: Tokenizer | None = None, extra: dict[str, Any] | None = None
+) -> None:
+    """The files of a model folder, written into an existing (temporary) folder."""
     kind = type(model).__name__
     if kind not in MODEL_CLASSES:
         raise TypeError(f"cannot save {kind}; expected one of {', '.join(MODEL_CLASSES)}")
-    folder = Path(folder)
     config = {"lmforge_version": FORMAT_VERSION, "kind": kind, "model": model.config.to_dict(),  # type: ignore[union-attr,operator]
               **(extra or {})}
-    with atomic_directory(folder) as tmp:
-        save_tensors(dict(model.state_dict()), tmp / "model.safetensors", metadata={"format": "pt"})
-        write_json(tmp / "config.json", config)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-    return folder
+    save_tensors(dict(model.state_dict()), folder / "model.safetensors", metadata={"format": "pt"})
+    write_json(folder / "config.json", config)
+    if tokenizer is not None:
+        tokenizer.save(folder)
 
 
 def is_lmforge_folder(folder: Path) -> bool:

@@ -4,7 +4,10 @@ Every loader is a pure function of (seed, epoch, batch index): the order of an e
 a permutation drawn from ``numpy.random.default_rng([seed, epoch])``. So the state a
 checkpoint needs is just ``{"epoch", "batch"}`` and a resumed run sees exactly the
 batches it would have seen. Under torchrun each rank takes a disjoint, equal share of
-every epoch (rank r of w takes items r, r + w, ...), so ranks stay in step.
+every epoch, so ranks stay in step: the k-th batch of rank r of w is the r-th slice of
+the k-th *global* batch (k * w * b ... (k + 1) * w * b of the epoch order). So w ranks
+with batch b see exactly the rows that one process sees with w micro-batches of b, and
+a distributed step can be checked against a single process.
 """
 
 from __future__ import annotations
@@ -58,10 +61,10 @@ class _Resumable:
             self.epoch, self.batch = self.epoch + 1, 0
 
 
-def rank_share(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """Rank's disjoint share of an epoch order; every rank gets the same count."""
-    per_rank = len(order) // world_size
-    return order[rank :: world_size][:per_rank]
+def rank_slice(order: np.ndarray, index: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
+    """Rows of this rank's ``index``-th batch: its slice of the index-th global batch."""
+    start = index * batch_size * world_size + rank * batch_size
+    return order[start : start + batch_size]
 
 
 class PackedLoader(_Resumable):
@@ -95,18 +98,18 @@ class PackedLoader(_Resumable):
 
     @property
     def batches_per_epoch(self) -> int:
-        return (self.num_blocks // self.world_size) // self.batch_size
+        return self.num_blocks // (self.batch_size * self.world_size)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        order = np.arange(self.num_blocks)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
-        return rank_share(order, self.rank, self.world_size)
+        if not self.shuffle:
+            return np.arange(self.num_blocks)
+        if getattr(self, "_order_epoch", None) != epoch:
+            self._order_epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
+        return self._order
 
     def block_ids(self, epoch: int, index: int) -> np.ndarray:
         """The global block numbers of one batch (used by tests to check coverage)."""
-        order = self.epoch_order(epoch)
-        return order[index * self.batch_size : (index + 1) * self.batch_size]
+        return rank_slice(self.epoch_order(epoch), index, self.batch_size, self.rank, self.world_size)
 
     def batch_at(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         """``input_ids`` (B, T) int64, and ``word_starts`` (B, T) bool when the shards
@@ -162,23 +165,23 @@ class SentencePairLoader(_Resumable):
 
     @property
     def batches_per_epoch(self) -> int:
-        return (len(self.documents) // self.world_size) // self.batch_size
+        return len(self.documents) // (self.batch_size * self.world_size)
 
     def _content(self, document: int) -> np.ndarray:
         tokens = self.shards.document(int(document))
         return tokens[:-1] if self.shards.separator_id is not None else tokens
 
     def batch_at(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
-        order = rank_share(np.random.default_rng([self.seed, epoch]).permutation(self.documents),
-                           self.rank, self.world_size)
-        chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.documents)
+        chosen = rank_slice(order, index, self.batch_size, self.rank, self.world_size)
         budget = self.seq_len - 3
         ids = np.full((self.batch_size, self.seq_len), self.pad_id, dtype=np.int64)
         types = np.zeros_like(ids)
         mask = np.zeros_like(ids)
         labels = np.zeros(self.batch_size, dtype=np.int64)
+        first = index * self.batch_size * self.world_size + self.rank * self.batch_size
         for row, document in enumerate(chosen):
-            rng = np.random.default_rng([self.seed, epoch, index, row])
+            rng = np.random.default_rng([self.seed, epoch, first + row])  # keyed by position in the epoch
             tokens = self._content(document)
             start = int(rng.integers(0, max(1, len(tokens) - budget + 1)))
             span = tokens[start : start + budget]

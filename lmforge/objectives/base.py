@@ -4,7 +4,7 @@ An objective is an ``nn.Module`` that owns the model and any extra heads. Traini
 step goes in two phases so that the loss can be normalised by the number of targets of
 the *whole* step (all micro-batches, all ranks) before any backward pass:
 
-1. ``prepare(batch, generator)`` turns a loader batch into model inputs and labels
+1. ``prepare(batch, generators)`` turns a loader batch into model inputs and labels
    (e.g. dynamic masking) and returns the target counts per loss term;
 2. ``forward(batch)`` returns, per loss term, the *sum* of per-target losses, plus
    summable statistics (e.g. correct predictions) for metrics.
@@ -15,11 +15,11 @@ the gradient of one k-times larger batch, whatever the padding or masking per mi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
 
 Prepared = tuple[dict[str, torch.Tensor], dict[str, int]]  # (batch with labels, target counts per term)
 
@@ -37,7 +37,8 @@ class Objective(nn.Module):
 
     model: nn.Module
 
-    def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> Prepared:
+    def prepare(self, batch: dict[str, torch.Tensor], generators: Sequence[torch.Generator]) -> Prepared:
+        """Inputs and labels for a loader batch; ``generators`` holds one per row."""
         raise NotImplementedError
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:  # type: ignore[override]

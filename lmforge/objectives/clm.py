@@ -8,6 +8,7 @@ tokens x 50,257 vocabulary that is 823 MB of fp32 logits that are never allocate
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -96,7 +97,7 @@ class CausalLMObjective(Objective):
         self.document_mask = document_mask
         self.chunk_rows = chunk_rows
 
-    def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> Prepared:
+    def prepare(self, batch: dict[str, torch.Tensor], generators: Sequence[torch.Generator]) -> Prepared:
         ids = batch["input_ids"]
         labels = ids[:, 1:].clone()
         if "attention_mask" in batch:

@@ -12,7 +12,7 @@ first, so a batch of 32 x 128 with 15% masking projects ~614 rows instead of 4,0
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,29 +50,44 @@ def word_start_index(word_starts: torch.Tensor) -> torch.Tensor:
     return torch.where(word_starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
 
 
+def _rows_random(shape: torch.Size, generators: Sequence[torch.Generator], draw: str, high: int = 0) -> torch.Tensor:
+    """Random (B, T) values, row b drawn from generators[b] (so a row's masks do not depend
+    on which other rows share its batch)."""
+    if draw == "rand":
+        return torch.stack([torch.rand(shape[1], generator=g) for g in generators])
+    return torch.stack([torch.randint(high, (shape[1],), generator=g) for g in generators])
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     mask_id: int,
     vocab_size: int,
     special_ids: Iterable[int],
     config: MaskingConfig,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     word_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masked inputs, labels) for (B, T) ids; labels are -100 where nothing was selected."""
+    """(masked inputs, labels) for (B, T) ids; labels are -100 where nothing was selected.
+
+    generator: one for the batch, or one per row (what the trainer passes, seeded by the
+    row's global position, so masks are the same however rows are split into batches).
+    """
+    generators = [generator] * input_ids.shape[0] if isinstance(generator, torch.Generator) else list(generator)
+    if len(generators) != input_ids.shape[0]:
+        raise ValueError(f"{len(generators)} generators for {input_ids.shape[0]} rows")
     special = torch.tensor(sorted(set(special_ids)), dtype=input_ids.dtype)
     candidates = ~torch.isin(input_ids, special)
-    draw = torch.rand(input_ids.shape, generator=generator)
+    draw = _rows_random(input_ids.shape, generators, "rand")
     if config.whole_word:
         if word_starts is None:
             raise ValueError("whole-word masking needs word_starts (prepare shards with word_starts=True)")
         draw = draw.gather(1, word_start_index(word_starts))  # one draw per word
     selected = (draw < config.rate) & candidates
     labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    action = torch.rand(input_ids.shape, generator=generator)
+    action = _rows_random(input_ids.shape, generators, "rand")
     to_mask = selected & (action < config.mask_fraction)
     to_random = selected & (action >= config.mask_fraction) & (action < config.mask_fraction + config.random_fraction)
-    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype)
+    random_ids = _rows_random(input_ids.shape, generators, "randint", vocab_size).to(input_ids.dtype)
     masked = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
     masked = torch.where(to_random, random_ids, masked)
     return masked, labels
@@ -116,9 +131,9 @@ class MaskedLMObjective(Objective):
 
             init_weights(self.pair_head, model.config.initializer_range)
 
-    def prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> Prepared:
+    def prepare(self, batch: dict[str, torch.Tensor], generators: Sequence[torch.Generator]) -> Prepared:
         inputs, labels = mask_tokens(batch["input_ids"], self.mask_id, self.model.config.vocab_size, self.special_ids,
-                                     self.masking, generator, batch.get("word_starts"))
+                                     self.masking, generators, batch.get("word_starts"))
         prepared = {**batch, "input_ids": inputs, "labels": labels}
         counts = {"mlm": int((labels != IGNORE_INDEX).sum())}
         if self.pair_task is not None:

@@ -125,7 +125,7 @@ def test_mlm_objective_with_sop_head() -> None:
     objective = MaskedLMObjective(model, MASK, SPECIAL, pair_task="sop")
     ids = _batch(4, 32)
     batch, counts = objective.prepare({"input_ids": ids, "pair_labels": torch.tensor([0, 1, 0, 1])},
-                                      torch.Generator().manual_seed(0))
+                                      [torch.Generator().manual_seed(0)] * 4)
     out = objective(batch)
     assert set(out.loss_sums) == {"mlm", "pair"} and counts["pair"] == 4 and counts["mlm"] > 0
     sum(out.loss_sums.values()).backward()

@@ -1,0 +1,92 @@
+"""Training checkpoints: everything needed to continue a run exactly.
+
+    RUN_DIR/checkpoints/step-0000100/
+        model.safetensors, config.json, tokenizer.json ...   (an lmforge model folder)
+        objective.safetensors       extra heads of the objective (e.g. the SOP head)
+        trainer_state.pt            optimizer, step, RNG state, loader state, run config;
+                                    plain tensors and numbers, read with weights_only=True
+    RUN_DIR/checkpoints/latest.json -> {"step": 100, "path": "step-0000100"}
+    RUN_DIR/checkpoints/best.json   -> the best evaluation so far
+
+Each checkpoint folder is written under a temporary name and renamed, then latest.json
+is replaced atomically: a process killed at any moment leaves the previous checkpoint
+complete and pointed to.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.checkpoint import write_model_files
+from lmforge.errors import CorruptFileError
+from lmforge.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json
+from lmforge.objectives.base import Objective
+from lmforge.tokenizer import Tokenizer
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    tokenizer: Tokenizer | None,
+    run_config: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint ``step``, point latest.json at it, prune old ones (never the best)."""
+    folder = checkpoint_dir(run_dir) / f"step-{step:07d}"
+    with atomic_directory(folder) as tmp:
+        write_model_files(objective.model, tmp, tokenizer, {"run_config": run_config})
+        model_keys = {f"model.{k}" for k in objective.model.state_dict()}
+        extra = {k: v for k, v in objective.state_dict().items() if k not in model_keys}
+        if extra:
+            save_tensors(extra, tmp / "objective.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, **state}, tmp / "trainer_state.pt")
+    write_json(checkpoint_dir(run_dir) / "latest.json", {"step": step, "path": folder.name})
+    prune(run_dir, keep_last)
+    return folder
+
+
+def mark_best(run_dir: Path, step: int, metric: str, value: float) -> None:
+    write_json(checkpoint_dir(run_dir) / "best.json", {"step": step, "path": f"step-{step:07d}", "metric": metric,
+                                                       "value": value})
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    folder = checkpoint_dir(run_dir)
+    best = read_json(folder / "best.json")["path"] if (folder / "best.json").exists() else None
+    steps = sorted(p for p in folder.glob("step-*") if p.is_dir())
+    for old in steps[: max(0, len(steps) - keep_last)]:
+        if old.name != best:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = checkpoint_dir(run_dir) / "latest.json"
+    if not pointer.exists():
+        return None
+    folder = checkpoint_dir(run_dir) / read_json(pointer)["path"]
+    if not (folder / "trainer_state.pt").exists():
+        raise CorruptFileError(f"{pointer} points to {folder}, which is incomplete")
+    return folder
+
+
+def load_checkpoint(folder: Path, objective: Objective, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, extra heads and optimizer in place; return the trainer state."""
+    from lmforge.interop.hf import load_into
+
+    load_into(objective.model, load_tensors(folder / "model.safetensors"), str(folder))
+    if (folder / "objective.safetensors").exists():
+        objective.load_state_dict(load_tensors(folder / "objective.safetensors"), strict=False)
+    state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    return state

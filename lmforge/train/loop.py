@@ -1,0 +1,347 @@
+"""One training loop for every stage (pretraining, continued pretraining, fine-tuning).
+
+A step: pull ``accumulation`` micro-batches, let the objective prepare them (labels,
+masking) and count targets per loss term, sum those counts over micro-batches and
+ranks, then backward each micro-batch's loss *sum* divided by the step-wide count. So
+k micro-batches give the same update as one k-times larger batch, and N ranks the same
+as one process with the same global batch.
+
+Randomness is a function of (seed, step, global row), never of how many draws happened
+before: a resumed run, another micro-batch size, or another split across ranks draws the
+same masks. The global torch RNG (dropout) is saved in each checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.errors import ConfigError
+from lmforge.objectives.base import Objective
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, mark_best, save_checkpoint
+from lmforge.train.dist import Distributed
+from lmforge.train.optim import build_optimizer, schedule_factor
+from lmforge.train.tracking import RunLogger, measure_matmul_peak
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """How to train. ``batch_size`` is the global batch of one optimizer step (all
+    micro-batches, all ranks); ``micro_batch_size`` what one forward pass holds."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    micro_batch_size: int | None = None  # None: batch_size / world_size (no accumulation)
+    lr: float = 5e-4
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 20
+    save_every: int = 0  # 0: save only at the end
+    keep_last: int = 2
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    log_every: int = 10
+    seed: int = 0
+    max_minutes: float | None = None  # stop (and save) after this much wall time
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("steps", "batch_size", "eval_batches", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.micro_batch_size is not None and (self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size):
+            problems.append(f"micro_batch_size={self.micro_batch_size}: must divide batch_size={self.batch_size}")
+        if self.lr <= 0:
+            problems.append(f"lr={self.lr}: must be > 0")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            problems.append(f"warmup_steps={self.warmup_steps}: must be in [0, steps={self.steps}]")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            problems.append(f"clip_norm={self.clip_norm}: must be > 0 (or null to disable)")
+        if problems:
+            raise ConfigError(problems, where="train")
+
+    def accumulation(self, world_size: int) -> int:
+        micro = self.micro_batch_size or self.batch_size // world_size
+        if self.batch_size % (micro * world_size):
+            raise ConfigError([f"batch_size={self.batch_size} is not a multiple of micro_batch_size={micro} x "
+                               f"world_size={world_size}"], where="train")
+        return self.batch_size // (micro * world_size)
+
+    def micro(self, world_size: int) -> int:
+        return self.micro_batch_size or self.batch_size // world_size
+
+
+def step_seed(seed: int, step: int, row: int) -> int:
+    """A seed for one row of one step, independent of everything drawn before."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class Trainer:
+    """Trains an objective on a resumable loader; evaluates, logs, checkpoints."""
+
+    def __init__(
+        self,
+        objective: Objective,
+        train_loader: Any,
+        config: TrainConfig,
+        run_dir: str | Path,
+        eval_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None,
+        tokenizer: Tokenizer | None = None,
+        run_config: dict[str, Any] | None = None,
+        distributed: Distributed | None = None,
+        progress: bool = True,
+        on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> None:
+        self.objective = objective
+        self.loader = train_loader
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.eval_batches = eval_batches
+        self.tokenizer = tokenizer
+        self.run_config = run_config or {"train": asdict(config)}
+        self.dist = distributed or Distributed()
+        self.progress = progress and self.dist.is_main
+        self.on_eval = on_eval
+        self.accumulation = config.accumulation(self.dist.world_size)
+        self.step = 0
+        self.best: float | None = None
+        self.evals_without_improvement = 0
+        self.stop_requested = False
+        torch.manual_seed(config.seed)
+        self.optimizer = build_optimizer(objective, config.lr, config.weight_decay, config.beta1, config.beta2,
+                                         config.eps)
+        self.module: nn.Module = objective
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.module = DistributedDataParallel(objective, find_unused_parameters=True)
+        self.logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
+        self.autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
+
+    # ------------------------------------------------------------------ state
+    def resume(self) -> bool:
+        """Continue from the latest checkpoint in the run folder, if there is one."""
+        folder = latest_checkpoint(self.run_dir)
+        if folder is None:
+            return False
+        state = load_checkpoint(folder, self.objective, self.optimizer)
+        self.step = int(state["step"])
+        self.best = state.get("best")
+        self.evals_without_improvement = int(state.get("evals_without_improvement", 0))
+        self.loader.load_state_dict({k: int(v) for k, v in state["loader"].items()})
+        torch.set_rng_state(state["torch_rng"])
+        if self.dist.is_main:
+            tqdm.write(f"resumed from {folder} at step {self.step}")
+        return True
+
+    def save(self) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        state = {"loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state(), "best": self.best,
+                 "evals_without_improvement": self.evals_without_improvement}
+        return save_checkpoint(self.run_dir, self.step, self.objective, self.optimizer, state, self.tokenizer,
+                               self.run_config, self.config.keep_last)
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
+
+    def _generators(self, step: int, first_row: int, rows: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(step_seed(self.config.seed, step, first_row + r)) for r in range(rows)]
+
+    def _set_lr(self) -> float:
+        factor = schedule_factor(self.step, self.config.steps, self.config.warmup_steps, self.config.schedule,
+                                 self.config.min_lr_ratio)
+        lr = self.config.lr * factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over ``accumulation`` micro-batches (and all ranks)."""
+        self.objective.train()
+        prepared, totals = [], {}
+        for micro in range(self.accumulation):
+            loaded = next(batches)
+            rows = loaded["input_ids"].shape[0]
+            first = (self.dist.rank * self.accumulation + micro) * rows  # global row of this micro-batch
+            batch, counts = self.objective.prepare(loaded, self._generators(self.step, first, rows))
+            prepared.append(batch)
+            for key, value in counts.items():
+                totals[key] = totals.get(key, 0) + value
+        keys = sorted(totals)
+        global_counts = dict(zip(keys, self.dist.all_reduce_sum([float(totals[k]) for k in keys]), strict=True))
+        lr = self._set_lr()
+        sums: dict[str, float] = {}
+        stats: dict[str, float] = {}
+        tokens = 0
+        for index, batch in enumerate(prepared):
+            sync = index == len(prepared) - 1 or not self.dist.enabled
+            context = contextlib.nullcontext() if sync else self.module.no_sync()  # type: ignore[operator]
+            with context:
+                with self._autocast():
+                    out = self.module(batch)
+                loss = sum(out.loss_sums[k] / max(global_counts[k], 1.0) for k in out.loss_sums)
+                (loss * self.dist.world_size).backward()  # DDP averages gradients over ranks
+            for key, value in out.loss_sums.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            for key, value in out.stats.items():
+                stats[key] = stats.get(key, 0.0) + value
+            tokens += self.objective.tokens_in(batch)
+        grad_norm = float("nan")
+        if self.config.clip_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.clip_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        reduced = self.dist.all_reduce_sum([*(sums[k] for k in keys), *(stats.get(f"{k}_correct", 0.0) for k in keys),
+                                            float(tokens)])
+        metrics = {"lr": lr, "grad_norm": grad_norm, "tokens": reduced[-1]}
+        for i, key in enumerate(keys):
+            metrics[f"{key}_loss"] = reduced[i] / max(global_counts[key], 1.0)
+            if f"{key}_correct" in stats:
+                metrics[f"{key}_accuracy"] = reduced[len(keys) + i] / max(global_counts[key], 1.0)
+        metrics["loss"] = sum(metrics[f"{k}_loss"] for k in keys)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, perplexity (of the LM term) and accuracy over the evaluation batches."""
+        if self.eval_batches is None:
+            return {}
+        self.objective.eval()
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        correct: dict[str, float] = {}
+        for index, batch in enumerate(self.eval_batches()):
+            if index >= self.config.eval_batches:
+                break
+            rows = batch["input_ids"].shape[0]  # the same masks at every evaluation
+            batch, batch_counts = self.objective.prepare(batch, self._generators(-1, index * rows, rows))
+            with self._autocast():
+                out = self.objective(batch)
+            for key, value in out.loss_sums.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+                counts[key] = counts.get(key, 0.0) + batch_counts[key]
+            for key, value in out.stats.items():
+                correct[key] = correct.get(key, 0.0) + value
+        keys = sorted(sums)
+        values = self.dist.all_reduce_sum([*(sums[k] for k in keys), *(counts[k] for k in keys),
+                                           *(correct.get(f"{k}_correct", 0.0) for k in keys)])
+        metrics: dict[str, float] = {}
+        for i, key in enumerate(keys):
+            count = max(values[len(keys) + i], 1.0)
+            metrics[f"{key}_loss"] = values[i] / count
+            if f"{key}_correct" in correct:
+                metrics[f"{key}_accuracy"] = values[2 * len(keys) + i] / count
+        metrics["loss"] = sum(metrics[f"{k}_loss"] for k in keys)
+        lm = next((k for k in ("mlm", "clm") if k in keys), None)
+        if lm:
+            metrics["perplexity"] = math.exp(min(metrics[f"{lm}_loss"], 50.0))
+        return metrics
+
+    # ------------------------------------------------------------------ run
+    def fit(self) -> dict[str, float]:
+        """Train to ``config.steps`` (or an early stop, time limit or signal); returns the
+        last evaluation metrics."""
+        config = self.config
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            if self.stop_requested:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            if self.dist.is_main:
+                tqdm.write(f"signal {signum}: finishing this step and saving a checkpoint")
+
+        for sig in previous:
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                signal.signal(sig, request_stop)
+        flops_per_token = self.objective.flops_per_token()
+        peak = measure_matmul_peak(self.autocast_dtype or torch.float32) if self.dist.is_main else 1.0
+        start_time = time.perf_counter()
+        batches = iter(self.loader)
+        bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        last_eval: dict[str, float] = {}
+        window_tokens, window_start = 0.0, time.perf_counter()
+        reason = "steps"
+        try:
+            while self.step < config.steps:
+                metrics = self.train_step(batches)
+                bar.update(1)
+                window_tokens += metrics["tokens"]
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    elapsed = time.perf_counter() - window_start
+                    metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                    metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / peak
+                    self.logger.log(self.step, "train", metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                    mfu=f"{metrics['mfu']:.1%}")
+                    window_tokens, window_start = 0.0, time.perf_counter()
+                out_of_time = config.max_minutes is not None and \
+                    (time.perf_counter() - start_time) / 60 >= config.max_minutes
+                if out_of_time:
+                    reason = "time limit"
+                finished = self.step >= config.steps or self.stop_requested or out_of_time
+                improved_now = False
+                if (config.eval_every and self.step % config.eval_every == 0) or finished:
+                    last_eval = self.evaluate()
+                    if last_eval:
+                        self.logger.log(self.step, "eval", last_eval)
+                        if self.on_eval is not None and self.dist.is_main:
+                            self.on_eval(self.step, last_eval)
+                        improved_now = self._improved(last_eval["loss"])
+                        if not improved_now and config.early_stopping_patience and \
+                                self.evals_without_improvement >= config.early_stopping_patience:
+                            reason = "early stopping"
+                            finished = True
+                if (config.save_every and self.step % config.save_every == 0) or finished or improved_now:
+                    self.save()
+                    if improved_now and self.dist.is_main:
+                        mark_best(self.run_dir, self.step, "eval loss", self.best)  # type: ignore[arg-type]
+                if self.stop_requested:
+                    reason = "signal"
+                if finished:
+                    break
+        finally:
+            bar.close()
+            self.logger.close()
+            for sig, handler in previous.items():
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(sig, handler)
+        if self.dist.is_main:
+            tqdm.write(f"stopped at step {self.step} ({reason}); run folder: {self.run_dir}")
+        return last_eval
+
+    def _improved(self, loss: float) -> bool:
+        if self.best is None or loss < self.best:
+            self.best = loss
+            self.evals_without_improvement = 0
+            return True
+        self.evals_without_improvement += 1
+        return False
