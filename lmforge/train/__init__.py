@@ -1,5 +1,5 @@
 """Training: one loop (loop.py), optimizer and schedules, checkpoints, torchrun, tracking."""
 
-from lmforge.train.loop import Trainer, TrainConfig
+from lmforge.train.loop import TrainConfig, Trainer
 
 __all__ = ["TrainConfig", "Trainer"]
