@@ -135,7 +135,7 @@ def _special_ids(tokenizer: Tokenizer) -> list[int]:
 
 
 def build_objective(config: dict[str, Any], tokenizer: Tokenizer) -> Objective:
-    model_section, data, objective = config["model"], config["data"], config["objective"]
+    model_section, objective = config["model"], config["objective"]
     if model_section.init:
         from lmforge.checkpoint import load_pretrained
 
