@@ -281,6 +281,10 @@ def normalise_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
+    if argv is None:  # a real command line (tests pass argv and keep their process)
+        from lmforge.runtime import reexec_with_tcmalloc
+
+        reexec_with_tcmalloc()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["pretrain"]:  # sections + dotted overrides, checked together (lmforge.config)

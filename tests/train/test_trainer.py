@@ -176,3 +176,18 @@ def test_bad_train_config_lists_every_problem() -> None:
     message = str(caught.value)
     for fragment in ("steps=0", "micro_batch_size=5", "lr=-1", "warmup_steps=-1"):
         assert fragment in message
+
+
+def test_early_stopping_keeps_best_and_last_k(zh_tokenizer: Tokenizer, zh_shards: TokenShards, tmp_path: Path) -> None:
+    config = TrainConfig(steps=50, batch_size=8, precision="fp32", eval_every=1, save_every=1, keep_last=2,
+                         early_stopping_patience=3, log_every=1)
+    trainer = Trainer(make_objective(zh_tokenizer), make_loader(zh_shards, zh_tokenizer, 8), config, tmp_path / "run",
+                      eval_batches=lambda: iter([]), tokenizer=zh_tokenizer, progress=False)
+    losses = iter([5.0, 4.0, 4.5, 4.2, 4.1, 3.0])  # best at step 2, then three evaluations without improvement
+    trainer.evaluate = lambda: {"loss": next(losses)}  # type: ignore[method-assign]
+    trainer.fit()
+    assert trainer.step == 5
+    folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert folders == ["step-0000002", "step-0000004", "step-0000005"]  # best + last 2
+    best = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
+    assert best["step"] == 2 and best["value"] == 4.0
