@@ -14,7 +14,6 @@ Peak RSS is measured per side in a child process (peak RSS is per process).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,14 +24,14 @@ from pathlib import Path
 
 import torch
 
+from lmforge.data.corpora import package_dir as corpus_package_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is"
 
 
 def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    assert spec is not None and spec.origin is not None, f"{name} is not installed; run make setup"
-    return Path(spec.origin).parent
+    return corpus_package_dir(name, "make setup")
 
 
 def minilm_dir() -> Path:

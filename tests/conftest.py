@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from lmforge.data.corpora import package_dir as corpus_package_dir
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -19,10 +20,7 @@ def _seed() -> None:
 
 def package_dir(name: str) -> Path:
     """Folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        raise RuntimeError(f"package {name} is not installed; run `make setup`")
-    return Path(spec.origin).parent
+    return corpus_package_dir(name, "make setup")
 
 
 @pytest.fixture(scope="session")
