@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 
 from lmforge.config import load_run_config, to_yaml
-from lmforge.data.corpora import corpus as named_corpus
+from lmforge.data import document_source
 from lmforge.data.loader import PackedLoader, SentencePairLoader
 from lmforge.data.shards import Document, TokenShards, prepare_shards
 from lmforge.errors import ConfigError
@@ -113,21 +113,10 @@ def _cross_checks(config: dict[str, Any]) -> list[str]:
 
 
 def _documents(data: DataSection, split: str, words: bool) -> Callable[[], Iterable[Document]]:
-    from lmforge.data.sources import read_documents
-
-    chosen = [named_corpus(name) for name in data.corpus]
     files = data.files if split == "train" else data.validation_files
-
-    def stream() -> Iterable[Document]:
-        for item in chosen:
-            if words and item.read_words is not None:
-                yield from item.words(split)  # type: ignore[arg-type]
-            else:
-                yield from item.documents(split)  # type: ignore[arg-type]
-        if files:
-            yield from read_documents(files, text_field=data.text_field, text_mode=data.text_mode)
-
-    return stream
+    if not data.corpus and not files:
+        return lambda: iter(())
+    return document_source(data.corpus, files, split, data.text_field, data.text_mode, words)
 
 
 def _special_ids(tokenizer: Tokenizer) -> list[int]:

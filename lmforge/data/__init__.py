@@ -11,10 +11,12 @@ def document_source(
     split: str | None = "train",
     text_field: str = "text",
     text_mode: str = "blocks",
-) -> Callable[[], Iterable[str]]:
+    words: bool = False,
+) -> Callable[[], Iterable[str | list[str]]]:
     """A re-readable stream of documents from named corpora and/or user files (globs).
 
     ``split`` applies to named corpora (None = all splits); user files are read whole.
+    ``words``: corpora that come word-segmented yield lists of words (for whole-word masking).
     """
     from lmforge.data.corpora import corpus as named
     from lmforge.data.sources import read_documents
@@ -23,9 +25,12 @@ def document_source(
         raise DataError("give at least one --corpus NAME or --files PATH")
     chosen = [named(name) for name in corpus or []]  # unknown names fail now, not mid-run
 
-    def stream() -> Iterator[str]:
+    def stream() -> Iterator[str | list[str]]:
         for item in chosen:
-            yield from item.documents(split)  # type: ignore[arg-type]
+            if words and item.read_words is not None:
+                yield from item.words(split)  # type: ignore[arg-type]
+            else:
+                yield from item.documents(split)  # type: ignore[arg-type]
         if files:
             yield from read_documents(list(files), text_field=text_field, text_mode=text_mode)  # type: ignore[arg-type]
 
