@@ -298,7 +298,5 @@ class BucketedLoader(_Resumable):
         if self.shuffle:
             yield from super().__iter__()
             return
-        for batch in self.epoch_batches(0):  # one ordered pass for evaluation
-            collated = pad_batch([self.examples[int(i)] for i in batch], self.pad_id)
-            collated["index"] = torch.as_tensor(batch, dtype=torch.long)
-            yield collated
+        for index in range(len(self.epoch_batches(0))):  # one ordered pass for evaluation
+            yield self.batch_at(0, index)

@@ -219,15 +219,30 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        reduced = self.dist.all_reduce_sum([*(sums[k] for k in keys), *(stats.get(f"{k}_correct", 0.0) for k in keys),
-                                            float(tokens)])
-        metrics = {"lr": lr, "grad_norm": grad_norm, "tokens": reduced[-1]}
+        metrics, (total_tokens,) = self._term_metrics(sums, stats, global_counts, extra=[float(tokens)])
+        return {"lr": lr, "grad_norm": grad_norm, "tokens": total_tokens, **metrics}
+
+    def _term_metrics(
+        self, sums: dict[str, float], stats: dict[str, float], counts: dict[str, float], counts_are_global: bool = True,
+        extra: list[float] | None = None,
+    ) -> tuple[dict[str, float], list[float]]:
+        """Per-term loss (and accuracy where the objective counts correct predictions) and
+        their total, summed over ranks in one all-reduce; ``extra`` values are summed too."""
+        keys = sorted(sums)
+        local = [*(sums[k] for k in keys), *(stats.get(f"{k}_correct", 0.0) for k in keys)]
+        if not counts_are_global:
+            local += [float(counts[k]) for k in keys]
+        values = self.dist.all_reduce_sum(local + list(extra or []))
+        n = len(keys)
+        totals = values[2 * n : 3 * n] if not counts_are_global else [float(counts[k]) for k in keys]
+        metrics: dict[str, float] = {}
         for i, key in enumerate(keys):
-            metrics[f"{key}_loss"] = reduced[i] / max(global_counts[key], 1.0)
+            count = max(totals[i], 1.0)
+            metrics[f"{key}_loss"] = values[i] / count
             if f"{key}_correct" in stats:
-                metrics[f"{key}_accuracy"] = reduced[len(keys) + i] / max(global_counts[key], 1.0)
+                metrics[f"{key}_accuracy"] = values[n + i] / count
         metrics["loss"] = sum(metrics[f"{k}_loss"] for k in keys)
-        return metrics
+        return metrics, values[len(local):]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -250,17 +265,8 @@ class Trainer:
                 counts[key] = counts.get(key, 0.0) + batch_counts[key]
             for key, value in out.stats.items():
                 correct[key] = correct.get(key, 0.0) + value
-        keys = sorted(sums)
-        values = self.dist.all_reduce_sum([*(sums[k] for k in keys), *(counts[k] for k in keys),
-                                           *(correct.get(f"{k}_correct", 0.0) for k in keys)])
-        metrics: dict[str, float] = {}
-        for i, key in enumerate(keys):
-            count = max(values[len(keys) + i], 1.0)
-            metrics[f"{key}_loss"] = values[i] / count
-            if f"{key}_correct" in correct:
-                metrics[f"{key}_accuracy"] = values[2 * len(keys) + i] / count
-        metrics["loss"] = sum(metrics[f"{k}_loss"] for k in keys)
-        lm = next((k for k in ("mlm", "clm") if k in keys), None)
+        metrics, _ = self._term_metrics(sums, correct, counts, counts_are_global=False)
+        lm = next((k for k in ("mlm", "clm") if k in sums), None)
         if lm:
             metrics["perplexity"] = math.exp(min(metrics[f"{lm}_loss"], 50.0))
         return metrics

