@@ -190,33 +190,110 @@ def pretrain(argv: list[str]) -> None:
     """
     if not argv or argv[0] in ("-h", "--help"):
         print(pretrain.__doc__)
-        from lmforge.pretrain import SECTIONS
-
-        for name, section in SECTIONS.items():
-            import dataclasses
-
-            fields = ", ".join(f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
-                               for f in dataclasses.fields(section))
-            print(f"  {name}: {fields}")
+        _print_sections("lmforge.pretrain")
         return
-    config_path, output, resume, rest = None, None, False, []
-    index = 0
-    while index < len(argv):
-        arg = argv[index]
-        if arg == "--config":
-            config_path, index = argv[index + 1], index + 2
-        elif arg == "--output":
-            output, index = argv[index + 1], index + 2
-        elif arg == "--resume":
-            resume, index = True, index + 1
-        else:
-            rest.append(arg)
-            index += 1
+    config_path, output, resume, rest = _run_flags(argv)
     if output is None:
         raise LmforgeError("pretrain needs --output RUN_DIR")
     from lmforge.pretrain import load_config, run_pretraining
 
     run_pretraining(load_config(config_path, rest), output, resume=resume)
+
+
+def finetune(argv: list[str]) -> None:
+    """lmforge finetune --task TASK --model PATH --train FILE --validation FILE [--test FILE]
+                        --output DIR [--config FILE.yaml] [--resume] [--text-field F ...] [--train.lr 3e-5 ...]
+
+    Fine-tune a pretrained model (lmforge folder, Hugging Face folder or .gguf) on a task:
+    classify, ner, relation, qa, pair-score, generate. Data: JSONL, CSV/TSV, Parquet (CoNLL
+    for ner, SQuAD JSON for qa) or corpus:NAME. Flat flags set the finetune section, dotted
+    flags any section (--train.lr, --train.layer_lr_decay 0.9, --train.early_stopping_patience 3).
+    """
+    if not argv or argv[0] in ("-h", "--help"):
+        print(finetune.__doc__)
+        _print_sections("lmforge.finetune")
+        return
+    config_path, output, resume, rest = _run_flags(argv)
+    if output is None:
+        raise LmforgeError("finetune needs --output RUN_DIR")
+    from lmforge.finetune import load_config, run_finetuning
+
+    results = run_finetuning(load_config(config_path, rest), output, resume=resume)
+    for split in ("before", "validation", "test"):
+        if split in results:
+            print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in results[split].items()))
+    print(f"model: {Path(output) / 'model'}; report: {Path(output) / 'report.md'}")
+
+
+def _print_sections(module: str) -> None:
+    import dataclasses
+    import importlib
+
+    for name, section in importlib.import_module(module).SECTIONS.items():
+        fields = ", ".join(f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
+                           for f in dataclasses.fields(section))
+        print(f"  {name}: {fields}")
+
+
+def _run_flags(argv: list[str]) -> tuple[str | None, str | None, bool, list[str]]:
+    """(--config, --output, --resume) and the remaining flags."""
+    config_path, output, resume, rest = None, None, False, []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in ("--config", "--output"):
+            if index + 1 >= len(argv):
+                raise LmforgeError(f"{arg} needs a value")
+            if arg == "--config":
+                config_path = argv[index + 1]
+            else:
+                output = argv[index + 1]
+            index += 2
+        elif arg == "--resume":
+            resume, index = True, index + 1
+        else:
+            rest.append(arg)
+            index += 1
+    return config_path, output, resume, rest
+
+
+def evaluate(model: str, data: list[str], format: str | None = None, batch_size: int = 64, json: bool = False) -> None:
+    """Evaluate a fine-tuned model on labeled data.
+
+    Args:
+        model: a fine-tuned model folder (RUN/model) or its run folder.
+        data: labeled files (or corpus:NAME), in the format the model was trained on.
+        format: jsonl, csv, tsv, parquet, conll or squad (default: from the file suffix).
+        batch_size: examples per forward pass.
+        json: print the metrics as one JSON object on the last line.
+    """
+    import json as json_module
+
+    from lmforge.finetune import evaluate_model
+
+    metrics = evaluate_model(model, data, format, batch_size, progress=not json)
+    if json:
+        print(json_module.dumps(metrics))
+        return
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        print(f"{key:{width}}  {value:.4f}")
+
+
+def predict(model: str, data: list[str], output: str, format: str | None = None, batch_size: int = 64) -> None:
+    """Predict with a fine-tuned model; writes one JSON line per example (with probabilities).
+
+    Args:
+        model: a fine-tuned model folder (RUN/model) or its run folder.
+        data: files (or corpus:NAME); labels are not needed.
+        output: the predictions file (JSONL), replaced atomically.
+        format: jsonl, csv, tsv, parquet, conll or squad (default: from the file suffix).
+        batch_size: examples per forward pass.
+    """
+    from lmforge.finetune import predict_file
+
+    count = predict_file(model, data, output, format, batch_size)
+    print(f"{count} predictions -> {output}")
 
 
 def report(run: str) -> None:
@@ -232,6 +309,8 @@ def report(run: str) -> None:
 
 COMMANDS: dict[str, Any] = {
     "report": report,
+    "evaluate": evaluate,
+    "predict": predict,
     "generate": generate,
     "tokenizer": {"train": tokenizer_train},
     "prepare": prepare,
@@ -289,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["pretrain"]:  # sections + dotted overrides, checked together (lmforge.config)
             pretrain(argv[1:])
+            return 0
+        if argv[:1] == ["finetune"]:
+            finetune(argv[1:])
             return 0
         CLI(COMMANDS, args=normalise_argv(argv), as_positional=False)
     except LmforgeError as error:

@@ -101,11 +101,13 @@ def load_run_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     checks: Callable[[dict[str, Any]], list[str]] | None = None,
+    defaults: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Section name -> dataclass instance, from a YAML file and ``--section.key`` overrides.
 
     ``checks`` looks across sections (e.g. model size against sequence length) and adds its
-    problems to the same error."""
+    problems to the same error. ``defaults`` (section -> values) sit beneath the file: a
+    recipe's own defaults where they differ from the dataclass ones."""
     data: dict[str, Any] = {}
     problems: list[str] = []
     if path is not None:
@@ -118,6 +120,9 @@ def load_run_config(
             raise ConfigError([f"{path}: not valid YAML ({error})"]) from error
         if not isinstance(data, dict):
             raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+    for section, values in (defaults or {}).items():
+        if isinstance(data.get(section, {}), dict):
+            data[section] = {**values, **(data.get(section) or {})}
     for section, values in parse_overrides(overrides or []).items():
         data.setdefault(section, {})
         if isinstance(data[section], dict):

@@ -206,8 +206,9 @@ class SentencePairLoader(_Resumable):
 
 def pad_batch(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Collate encoded examples: ``input_ids`` padded with ``pad_id`` (attention_mask
-    added), ``token_type_ids`` padded with 0, list-valued fields (token labels) padded
-    with -100, scalar fields stacked."""
+    added), ``token_type_ids`` padded with 0, integer lists (token labels) padded with
+    -100, float lists (multi-label targets, all one length) and scalars stacked; keys
+    starting with ``_`` and other values stay out of the batch."""
     width = max(len(e["input_ids"]) for e in examples)
     batch: dict[str, torch.Tensor] = {}
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -222,6 +223,9 @@ def pad_batch(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torc
             continue
         values = [e[key] for e in examples]
         if isinstance(values[0], (list, tuple, np.ndarray)):
+            if len(values[0]) and isinstance(values[0][0], (float, np.floating)):  # fixed-size float vectors
+                batch[key] = torch.tensor(np.asarray(values, dtype=np.float32))
+                continue
             fill = 0 if key == "token_type_ids" else IGNORE_INDEX
             padded = torch.full((len(examples), width), fill, dtype=torch.long)
             for row, value in enumerate(values):

@@ -62,6 +62,9 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end
     keep_last: int = 2
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    best_metric: str = "loss"  # the evaluation metric that picks the best checkpoint and early-stops
+    best_mode: Literal["auto", "min", "max"] = "auto"  # auto: min for loss/perplexity/mse, else max
+    layer_lr_decay: float = 1.0  # lr of layer l (of L) is lr * decay^(L + 1 - l); embeddings l = 0
     log_every: int = 10
     seed: int = 0
     max_minutes: float | None = None  # stop (and save) after this much wall time
@@ -77,6 +80,8 @@ class TrainConfig:
             problems.append(f"lr={self.lr}: must be > 0")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             problems.append(f"warmup_steps={self.warmup_steps}: must be in [0, steps={self.steps}]")
+        if not 0 < self.layer_lr_decay <= 1:
+            problems.append(f"layer_lr_decay={self.layer_lr_decay}: must be in (0, 1]")
         if self.clip_norm is not None and self.clip_norm <= 0:
             problems.append(f"clip_norm={self.clip_norm}: must be > 0 (or null to disable)")
         if problems:
@@ -91,6 +96,12 @@ class TrainConfig:
 
     def micro(self, world_size: int) -> int:
         return self.micro_batch_size or self.batch_size // world_size
+
+    def minimise(self) -> bool:
+        """Whether a smaller ``best_metric`` is better."""
+        if self.best_mode != "auto":
+            return self.best_mode == "min"
+        return any(word in self.best_metric for word in ("loss", "perplexity", "mse", "error"))
 
 
 def step_seed(seed: int, step: int, row: int) -> int:
@@ -114,6 +125,7 @@ class Trainer:
         distributed: Distributed | None = None,
         progress: bool = True,
         on_eval: Callable[[int, dict[str, float]], None] | None = None,
+        evaluator: Callable[[], dict[str, float]] | None = None,
     ) -> None:
         self.objective = objective
         self.loader = train_loader
@@ -125,6 +137,7 @@ class Trainer:
         self.dist = distributed or Distributed()
         self.progress = progress and self.dist.is_main
         self.on_eval = on_eval
+        self.evaluator = evaluator  # task metrics (fine-tuning) instead of the objective's loss
         self.accumulation = config.accumulation(self.dist.world_size)
         self.step = 0
         self.best: float | None = None
@@ -132,7 +145,7 @@ class Trainer:
         self.stop_requested = False
         torch.manual_seed(config.seed)
         self.optimizer = build_optimizer(objective, config.lr, config.weight_decay, config.beta1, config.beta2,
-                                         config.eps)
+                                         config.eps, config.layer_lr_decay)
         self.module: nn.Module = objective
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -179,7 +192,7 @@ class Trainer:
                                  self.config.min_lr_ratio)
         lr = self.config.lr * factor
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -246,7 +259,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss, perplexity (of the LM term) and accuracy over the evaluation batches."""
+        """Loss, perplexity (of the LM term) and accuracy over the evaluation batches, or
+        the task metrics of the ``evaluator``."""
+        if self.evaluator is not None:
+            return self.evaluator()
         if self.eval_batches is None:
             return {}
         self.objective.eval()
@@ -321,7 +337,10 @@ class Trainer:
                         self.logger.log(self.step, "eval", last_eval)
                         if self.on_eval is not None and self.dist.is_main:
                             self.on_eval(self.step, last_eval)
-                        improved_now = self._improved(last_eval["loss"])
+                        if config.best_metric not in last_eval:
+                            raise ConfigError([f"best_metric={config.best_metric!r} is not among the evaluation "
+                                               f"metrics ({', '.join(last_eval)})"], where="train")
+                        improved_now = self._improved(last_eval[config.best_metric])
                         if not improved_now and config.early_stopping_patience and \
                                 self.evals_without_improvement >= config.early_stopping_patience:
                             reason = "early stopping"
@@ -329,7 +348,7 @@ class Trainer:
                 if (config.save_every and self.step % config.save_every == 0) or finished or improved_now:
                     self.save()
                     if improved_now and self.dist.is_main:
-                        mark_best(self.run_dir, self.step, "eval loss", self.best)  # type: ignore[arg-type]
+                        mark_best(self.run_dir, self.step, f"eval {config.best_metric}", self.best)  # type: ignore[arg-type]
                 if self.stop_requested:
                     reason = "signal"
                 if finished:
@@ -344,9 +363,10 @@ class Trainer:
             tqdm.write(f"stopped at step {self.step} ({reason}); run folder: {self.run_dir}")
         return last_eval
 
-    def _improved(self, loss: float) -> bool:
-        if self.best is None or loss < self.best:
-            self.best = loss
+    def _improved(self, value: float) -> bool:
+        better = self.best is None or (value < self.best if self.config.minimise() else value > self.best)
+        if better:
+            self.best = value
             self.evals_without_improvement = 0
             return True
         self.evals_without_improvement += 1

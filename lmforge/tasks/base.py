@@ -1,0 +1,299 @@
+"""What every fine-tuning task shares: its saved spec, data reading, the objective that
+wraps backbone + head, and streaming evaluation.
+
+A task turns user examples into features (token ids plus labels), owns a small head on
+top of the backbone's hidden states, a loss and a metric. Flow of one task::
+
+    read(paths)  -> examples (dicts with ``_source`` = "file:line" for errors)
+    fit(train)   -> label map (saved in the spec, hence in every checkpoint)
+    encode(ex)   -> features (one per example; QA windows and long NER sentences give several)
+    scores()     -> head outputs for a batch;  loss() -> (sum, count, correct)
+    decode()     -> one small record per feature (label, probability, span ...)
+    merge()      -> one prediction per example (QA keeps the best window)
+    metrics()    -> numbers from gold examples and predictions
+
+Evaluation streams: each batch is decoded to predictions at once, so no logits of the
+whole set are ever held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.data.loader import BucketedLoader
+from lmforge.data.sources import read_examples
+from lmforge.errors import DataError
+from lmforge.models import Decoder, Encoder
+from lmforge.objectives.base import Objective, ObjectiveOutput, Prepared
+from lmforge.tokenizer import Tokenizer
+
+
+@dataclass
+class TaskSpec:
+    """Everything a trained task model needs to read data and predict again (task.json)."""
+
+    task: str
+    fields: dict[str, str]  # our name -> the field name in the user's files
+    labels: list[str] = field(default_factory=list)  # index -> label name
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Task:
+    """Base class; subclasses set the class attributes and the data/model methods."""
+
+    name = ""
+    main_metric = "accuracy"
+    fields: dict[str, str] = {}  # our name -> default file field
+    required_for_training: tuple[str, ...] = ()  # our names that labeled data must have
+    defaults: dict[str, Any] = {}  # options and their defaults
+
+    def __init__(self, spec: TaskSpec, tokenizer: Tokenizer) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.options = {**self.defaults, **spec.options}
+        spec.options = self.options
+
+    # ------------------------------------------------------------------ data
+    def read(self, sources: Sequence[str], split: str, labeled: bool = True, fmt: str | None = None
+             ) -> list[dict[str, Any]]:
+        """Examples from files (JSONL/CSV/TSV/Parquet, globs) or ``corpus:NAME`` sources."""
+        required = list(self.required_for_training) if labeled else [n for n in self.required_for_training
+                                                                      if n not in self.label_fields()]
+        examples: list[dict[str, Any]] = []
+        for source in sources:
+            if source.startswith("corpus:"):
+                examples.extend(self._corpus_examples(source[len("corpus:"):], split, required))
+            else:
+                examples.extend(self.read_file(source, required, fmt))
+        if not examples:
+            raise DataError(f"no {split} examples in {', '.join(sources)}")
+        return examples
+
+    def read_file(self, path: str, required: list[str], fmt: str | None) -> Iterator[dict[str, Any]]:
+        return read_examples(path, self.spec.fields, fmt=fmt, required=required)
+
+    def _corpus_examples(self, name: str, split: str, required: list[str]) -> Iterator[dict[str, Any]]:
+        from lmforge.data.corpora import corpus
+
+        for number, record in enumerate(corpus(name).examples(split), 1):  # type: ignore[arg-type]
+            example = {ours: record.get(theirs) for ours, theirs in self.spec.fields.items()}
+            for ours in required:
+                if example.get(ours) in (None, "", []):
+                    raise DataError(f"corpus:{name} ({split}) example {number}: field {self.spec.fields[ours]!r} "
+                                    f"is missing (fields present: {', '.join(record)})")
+            example["_source"] = f"corpus:{name}/{split}#{number}"
+            yield example
+
+    def label_fields(self) -> tuple[str, ...]:
+        return ("label",)
+
+    def fit(self, examples: Sequence[dict[str, Any]]) -> None:
+        """Learn what training data decides (the label map); default: nothing."""
+
+    def encode(self, example: dict[str, Any], labeled: bool = True) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def encode_all(self, examples: Sequence[dict[str, Any]], labeled: bool = True) -> list[dict[str, Any]]:
+        """Features of every example; each carries ``example`` (its example's position)."""
+        features = []
+        for index, example in enumerate(examples):
+            for feature in self.encode(example, labeled):
+                feature["example"] = index
+                features.append(feature)
+        return features
+
+    def check_length(self, ids: list[int], example: dict[str, Any]) -> bool:
+        """True when ``ids`` must be truncated; an error when truncation is off."""
+        limit = int(self.options["max_length"])
+        if len(ids) <= limit:
+            return False
+        if not self.options.get("truncate", False):
+            raise DataError(f"{example['_source']}: {len(ids)} tokens exceed max_length={limit}; "
+                            f"raise --max-length or pass --truncate")
+        return True
+
+    # ------------------------------------------------------------------ model
+    def build_head(self, model: nn.Module) -> nn.Module | None:
+        raise NotImplementedError
+
+    def objective(self, model: nn.Module) -> Objective:
+        return TaskObjective(self, model, self.build_head(model))
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Targets in a batch (what the loss sum is divided by)."""
+        return int(batch["input_ids"].shape[0])
+
+    def scores(self, objective: TaskObjective, batch: dict[str, torch.Tensor]) -> Any:
+        raise NotImplementedError
+
+    def loss(self, scores: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """(sum of per-target losses, correct predictions) for labeled batches."""
+        raise NotImplementedError
+
+    def decode(self, scores: Any, batch: dict[str, torch.Tensor], features: Sequence[dict[str, Any]]
+               ) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def merge(self, previous: dict[str, Any] | None, output: dict[str, Any], example: dict[str, Any]
+              ) -> dict[str, Any]:
+        """Combine the outputs of several features of one example (default: one feature)."""
+        return output
+
+    def finish(self, prediction: dict[str, Any], example: dict[str, Any]) -> dict[str, Any]:
+        return prediction
+
+    def metrics(self, examples: Sequence[dict[str, Any]], predictions: Sequence[dict[str, Any]]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def record(self, example: dict[str, Any], prediction: dict[str, Any]) -> dict[str, Any]:
+        """One line of predictions.jsonl: the example's input fields plus the prediction."""
+        keep = {k: v for k, v in example.items() if not k.startswith("_") and k not in self.label_fields()}
+        return {**keep, **prediction}
+
+    def plots(self, examples: Sequence[dict[str, Any]], predictions: Sequence[dict[str, Any]], folder: Path,
+              name: str) -> list[Path]:
+        return []
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(
+        self,
+        objective: Objective,
+        examples: Sequence[dict[str, Any]],
+        features: Sequence[dict[str, Any]],
+        batch_size: int = 64,
+        labeled: bool = True,
+        autocast: torch.dtype | None = None,
+        progress: bool = False,
+        final: bool = False,
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """(metrics, one prediction per example), batch by batch."""
+        objective.eval()
+        assert isinstance(objective, TaskObjective)
+        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        loader = BucketedLoader(features, batch_size, pad_id, shuffle=False)
+        merged: list[dict[str, Any] | None] = [None] * len(examples)
+        loss_sum, count = 0.0, 0
+        for batch in tqdm(loader, total=len(loader.epoch_batches(0)), disable=not progress, desc="evaluate",
+                          unit="batch", leave=False):
+            chosen = [features[int(i)] for i in batch["index"]]
+            with autocast_context(autocast):
+                scores = self.scores(objective, batch)
+                if labeled:
+                    batch_loss, _ = self.loss(scores, batch)
+                    loss_sum += float(batch_loss)
+                    count += self.count(batch)
+            for feature, output in zip(chosen, self.decode(scores, batch, chosen), strict=True):
+                position = feature["example"]
+                merged[position] = self.merge(merged[position], output, examples[position])
+        predictions = [self.finish(p or {}, e) for p, e in zip(merged, examples, strict=True)]
+        if not labeled:
+            return {}, predictions
+        metrics = self.metrics(examples, predictions)
+        metrics["loss"] = loss_sum / max(count, 1)
+        return metrics, predictions
+
+
+class TaskObjective(Objective):
+    """Backbone + task head, trained by the shared trainer; the loss term is "task"."""
+
+    def __init__(self, task: Task, model: nn.Module, head: nn.Module | None) -> None:
+        super().__init__()
+        self.model = model
+        self.head = head
+        self.task = task
+
+    def prepare(self, batch: dict[str, torch.Tensor], generators: Sequence[torch.Generator]) -> Prepared:
+        return batch, {"task": self.task.count(batch)}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:  # type: ignore[override]
+        loss, correct = self.task.loss(self.task.scores(self, batch), batch)
+        return ObjectiveOutput({"task": loss}, {"task_correct": correct})
+
+
+def autocast_context(dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------- shared pieces
+def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T, H) hidden states of an encoder or decoder backbone."""
+    if isinstance(model, Encoder):
+        return model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+    return model(batch["input_ids"], batch.get("attention_mask"))
+
+
+def pool(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """(B, H) sequence vector: [CLS] state, BERT pooler, masked mean, or the last real token
+    (decoders; ``auto`` picks cls for encoders and last for decoders)."""
+    if how == "auto":
+        how = "last" if isinstance(model, Decoder) else "cls"
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "pooler":
+        return model.pool(hidden)  # type: ignore[operator]
+    mask = attention_mask if attention_mask is not None else torch.ones(hidden.shape[:2], dtype=torch.long)
+    if how == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    if how == "last":
+        last = mask.sum(1).long() - 1  # right padding
+        return hidden[torch.arange(hidden.shape[0]), last]
+    raise ValueError(f"unknown pooling {how!r} (cls, pooler, mean, last, auto)")
+
+
+class Head(nn.Module):
+    """Dropout then a linear layer (initialised like the backbone: N(0, 0.02), zero bias)."""
+
+    def __init__(self, in_features: int, out_features: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(in_features, out_features)
+        nn.init.normal_(self.out.weight, std=0.02)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.dropout(x))
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(model.config.hidden_size)  # type: ignore[union-attr]
+
+
+def sorted_labels(values: Sequence[Any]) -> list[str]:
+    """Label names in a stable order: numerically when all look like numbers."""
+    names = {str(v) for v in values}
+    try:
+        return sorted(names, key=float)
+    except ValueError:
+        return sorted(names)
+
+
+def label_index(labels: Sequence[str], value: Any, example: dict[str, Any], what: str = "label") -> int:
+    try:
+        return labels.index(str(value))
+    except ValueError:
+        shown = ", ".join(labels[:20]) + (" ..." if len(labels) > 20 else "")
+        raise DataError(f"{example['_source']}: {what} {value!r} was not seen in training (known: {shown})") from None
+
+
+def truncate_keep_last(ids: list[int], limit: int) -> list[int]:
+    """First ``limit`` ids, keeping the final (special) token."""
+    return ids[: limit - 1] + ids[-1:]
+
+
+def steps_for_epochs(epochs: float, examples: int, batch_size: int) -> int:
+    return max(1, math.ceil(epochs * examples / batch_size))
+
