@@ -150,7 +150,9 @@ def load_run_config(
         # build from the keys that passed, so the section's own checks still report
         usable = {k: float(v) if hints[k] is float and isinstance(v, int) else v for k, v in values.items()
                   if k in fields and not _type_problem(v, hints[k])}
-        if not missing:
+        required_bad = [f.name for f in fields.values() if f.default is dataclasses.MISSING
+                        and f.default_factory is dataclasses.MISSING and f.name not in usable]  # type: ignore[misc]
+        if not required_bad:
             try:
                 built[name] = cls(**usable)
             except ConfigError as error:

@@ -1,0 +1,169 @@
+"""Sequence classification: learns above chance, keeps head and label map across a
+reload, multi-label / regression / pairs, class weights, LLRD groups, bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.errors import ConfigError, DataError
+from lmforge.finetune import evaluate_model, load_config, load_task_model, predict_file, run_finetuning
+from lmforge.tasks import TaskSpec, make_task
+from lmforge.train.optim import parameter_groups
+from tests.tasks.conftest import sentiment, write_jsonl
+from tests.tasks.helpers import finetune
+
+
+@pytest.fixture(scope="module")
+def sentiment_run(tiny_encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    folder = tmp_path_factory.mktemp("sentiment")
+    train = write_jsonl(folder / "train.jsonl", sentiment(320, 1))
+    validation = write_jsonl(folder / "validation.jsonl", sentiment(100, 2))
+    results = finetune(tiny_encoder_dir, folder / "run", "--task", "classify", "--train", str(train),
+                       "--validation", str(validation), "--test", str(validation), epochs=4)
+    return folder, validation, results
+
+
+def test_classification_learns_and_reports(sentiment_run: tuple[Path, Path, dict]) -> None:
+    folder, _, results = sentiment_run
+    assert results["validation"]["accuracy"] > 0.85  # chance is 0.5
+    assert results["validation"]["macro_f1"] > 0.85 and results["validation"]["mcc"] > 0.7
+    assert results["labels"] == ["neg", "pos"]
+    run = folder / "run"
+    for name in ("results.json", "report.md", "curves.png", "confusion-validation.png", "predictions-test.jsonl"):
+        assert (run / name).exists(), name
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best["metric"] == "eval macro_f1"
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["split"] == "eval"]
+    assert best["value"] == max(r["macro_f1"] for r in evals)  # the best checkpoint is the best evaluation
+
+
+def test_reload_gives_identical_predictions(sentiment_run: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    folder, validation, results = sentiment_run
+    task, objective = load_task_model(folder / "run")
+    assert task.spec.labels == ["neg", "pos"]
+    assert predict_file(folder / "run" / "model", [str(validation)], tmp_path / "p.jsonl", progress=False) == 100
+    again = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    saved = [json.loads(line) for line in (folder / "run" / "predictions-test.jsonl").read_text().splitlines()]
+    assert [a["label"] for a in again] == [s["label"] for s in saved]
+    for a, s in zip(again, saved, strict=True):
+        assert a["probabilities"] == pytest.approx(s["probabilities"], abs=2e-2)  # bf16 eval in the run, fp32 here
+    metrics = evaluate_model(folder / "run", [str(validation)], progress=False)
+    assert metrics["accuracy"] == pytest.approx(results["test"]["accuracy"], abs=0.02)
+
+
+def test_unknown_label_at_evaluation_is_named(sentiment_run: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    folder, _, _ = sentiment_run
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "good film", "label": "pos"}, {"text": "meh", "label": "mixed"}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: label 'mixed' was not seen in training \(known: neg, pos\)"):
+        evaluate_model(folder / "run", [str(bad)], progress=False)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"text": "good film", "label": "pos"}, {"text": "bad film"}], r"train.jsonl:2: field 'label' is missing"),
+    ([{"text": "good film", "label": "pos"}, {"text": "  ", "label": "neg"}], r"train.jsonl:2: field 'text' is empty"),
+    ([{"text": "good film", "label": "pos"}, {"text": "bad " * 200, "label": "neg"}],
+     r"train.jsonl:2: 202 tokens exceed max_length=128; raise --max-length or pass --truncate"),
+])
+def test_malformed_files_fail_before_anything_is_written(tiny_encoder_dir: Path, tmp_path: Path, rows: list,
+                                                         message: str) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("previous results")
+    with pytest.raises(DataError, match=message):
+        finetune(tiny_encoder_dir, run, "--task", "classify", "--train", str(train))
+    assert sorted(p.name for p in run.iterdir()) == ["results.json"]
+    assert (run / "results.json").read_text() == "previous results"
+
+
+def test_truncate_keeps_the_final_separator(tiny_encoder_dir: Path) -> None:
+    from lmforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tiny_encoder_dir)
+    task = make_task(TaskSpec("classify", {"text": "text", "text_pair": "text_pair", "label": "label"}, ["neg", "pos"],
+                              {"max_length": 16, "truncate": True}), tokenizer)
+    (feature,) = task.encode({"text": "good " * 40, "label": "pos", "_source": "x:1"})
+    assert len(feature["input_ids"]) == 16 and feature["input_ids"][-1] == tokenizer.token_id("[SEP]")
+
+
+def test_multilabel_regression_and_pairs(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    rows = sentiment(320, 3)
+    multi = [{"text": r["text"] + (" paris" if i % 2 else ""),
+              "label": r["label"] + ("|travel" if i % 2 else "")} for i, r in enumerate(rows)]
+    train = write_jsonl(tmp_path / "multi.jsonl", multi[:260])
+    validation = write_jsonl(tmp_path / "multi-val.jsonl", multi[260:])
+    results = finetune(tiny_encoder_dir, tmp_path / "multi", "--task", "classify", "--problem-type", "multi_label",
+                       "--train", str(train), "--validation", str(validation), epochs=6)
+    assert results["labels"] == ["neg", "pos", "travel"]
+    assert results["validation"]["micro_f1"] > 0.8 and results["validation"]["subset_accuracy"] > 0.5
+
+    scores = [{"text": r["text"], "label": 1.0 if r["label"] == "pos" else -1.0} for r in rows]
+    train = write_jsonl(tmp_path / "reg.jsonl", scores[:260])
+    validation = write_jsonl(tmp_path / "reg-val.jsonl", scores[260:])
+    results = finetune(tiny_encoder_dir, tmp_path / "reg", "--task", "classify", "--problem-type", "regression",
+                       "--train", str(train), "--validation", str(validation), epochs=6)
+    assert results["validation"]["pearson"] > 0.7
+
+    pairs = [{"text": r["text"].split()[0], "text_pair": r["text"], "label": r["label"]} for r in rows]
+    train = write_jsonl(tmp_path / "pair.jsonl", pairs[:260])
+    validation = write_jsonl(tmp_path / "pair-val.jsonl", pairs[260:])
+    results = finetune(tiny_encoder_dir, tmp_path / "pairs", "--task", "classify", "--train", str(train),
+                       "--validation", str(validation), epochs=4)
+    assert results["validation"]["accuracy"] > 0.8
+
+
+def test_class_weights_are_balanced(tiny_encoder_dir: Path) -> None:
+    from lmforge.tokenizer import Tokenizer
+
+    task = make_task(TaskSpec("classify", {"text": "text", "text_pair": "text_pair", "label": "label"}, [],
+                              {"class_weights": True}), Tokenizer.load(tiny_encoder_dir))
+    task.fit([{"text": "x", "label": "a"}] * 6 + [{"text": "y", "label": "b"}] * 2)
+    assert task.options["class_weight_values"] == pytest.approx([8 / (2 * 6), 8 / (2 * 2)])
+    scores = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    loss, _ = task.loss(scores, {"labels": torch.tensor([0, 1])})
+    assert float(loss) == pytest.approx(float(torch.log(torch.tensor(2.0))) * (8 / 12 + 8 / 4), rel=1e-5)
+
+
+def test_layer_wise_lr_decay_groups(tiny_encoder_dir: Path) -> None:
+    from lmforge.checkpoint import load_model
+
+    model = load_model(tiny_encoder_dir)  # 2 layers: depths 0 (embeddings), 1, 2, 3 (head / above)
+    module = torch.nn.ModuleDict({"model": model, "head": torch.nn.Linear(4, 2)})
+    groups = parameter_groups(module, 0.01, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale[id(model.embeddings.word_embeddings.weight)] == pytest.approx(0.125)
+    assert scale[id(model.layers[0].attention.query.weight)] == pytest.approx(0.25)
+    assert scale[id(model.layers[1].output.weight)] == pytest.approx(0.5)
+    assert scale[id(module["head"].weight)] == pytest.approx(1.0)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.layers[0].attention_norm.weight) not in decayed and id(module["head"].bias) not in decayed
+
+
+def test_config_errors_are_collected(tiny_encoder_dir: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["--task", "sentiment", "--model", str(tiny_encoder_dir), "--train", "x.jsonl",
+                           "--train.layer_lr_decay", "2"])
+    assert "finetune.task='sentiment': must be one of 'classify'" in str(error.value)
+    assert "layer_lr_decay=2.0: must be in (0, 1]" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["--task", "ner", "--model", str(tiny_encoder_dir), "--train", "x.jsonl", "--epochs", "0",
+                           "--label-feild", "y"])
+    assert "epochs=0: must be > 0" in str(error.value) and "finetune.label_feild: unknown key" in str(error.value)
+
+
+def test_steps_override_epochs(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    config = load_config(None, ["--task", "classify", "--model", str(tiny_encoder_dir), "--train", "a.jsonl",
+                                "--train.steps", "7"])
+    assert config["finetune"].epochs is None and config["train"].steps == 7
+    config = load_config(None, ["--task", "classify", "--model", str(tiny_encoder_dir), "--train", "a.jsonl"])
+    assert config["finetune"].epochs == 3.0 and config["train"].lr == 5e-5
+    train = write_jsonl(tmp_path / "t.jsonl", sentiment(40, 5))
+    results = run_finetuning(load_config(None, ["--task", "classify", "--model", str(tiny_encoder_dir), "--train",
+                                                str(train), "--train.steps", "3", "--train.batch_size", "8"]),
+                             tmp_path / "run", progress=False)
+    assert results["steps"] == 3
