@@ -37,6 +37,7 @@ from lmforge.tasks.base import steps_for_epochs
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import TrainConfig, Trainer
 from lmforge.train.dist import setup_distributed
+from lmforge.transfer.regularizers import TransferSection, build_anchor
 
 TaskName = Literal["classify", "ner", "relation", "qa", "pair-score", "generate"]
 
@@ -54,6 +55,7 @@ class FinetuneSection:
     format: str | None = None  # jsonl, csv, tsv, parquet, conll (ner), squad (qa); default: from the suffix
     epochs: float | None = None  # sets train.steps from the training set size (default 3 unless train.steps is given)
     limit: int | None = None  # use this many training examples (a label budget), drawn with the seed
+    eval_limit: int | None = None  # evaluate on this many validation/test examples (a fixed sample)
     eval_before: bool = False  # also evaluate the model before fine-tuning (results.json "before")
     evals_per_epoch: int = 1  # when train.eval_every is 0
     eval_batch_size: int = 64
@@ -98,8 +100,8 @@ class FinetuneSection:
             problems.append("train: name at least one training file or corpus:NAME")
         if self.epochs is not None and self.epochs <= 0:
             problems.append(f"epochs={self.epochs}: must be > 0 (or null to use train.steps)")
-        if self.limit is not None and self.limit < 1:
-            problems.append(f"limit={self.limit}: must be >= 1")
+        if (self.limit is not None and self.limit < 1) or (self.eval_limit is not None and self.eval_limit < 1):
+            problems.append(f"limit={self.limit}, eval_limit={self.eval_limit}: must be >= 1 (or null)")
         if self.max_length is not None and self.max_length < 8:
             problems.append(f"max_length={self.max_length}: must be >= 8")
         if problems:
@@ -118,7 +120,7 @@ class FinetuneSection:
         return TaskSpec(self.task, fields, [], options)
 
 
-SECTIONS: dict[str, type] = {"finetune": FinetuneSection, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"finetune": FinetuneSection, "train": TrainConfig, "transfer": TransferSection}
 FLAT_ALIASES = {"--train": "--finetune.train", "--validation": "--finetune.validation", "--test": "--finetune.test"}
 DEFAULTS: dict[str, dict[str, Any]] = {"train": {"lr": 5e-5, "batch_size": 32, "log_every": 10}}
 
@@ -219,6 +221,10 @@ def read_splits(section: FinetuneSection, task: Task, seed: int = 0) -> Splits:
         sources = getattr(section, split)
         if sources:
             examples[split] = task.read(sources, split, fmt=section.format)
+            if section.eval_limit is not None and section.eval_limit < len(examples[split]):
+                chosen = sorted(random.Random(f"eval:{section.eval_limit}").sample(range(len(examples[split])),
+                                                                                   section.eval_limit))
+                examples[split] = [examples[split][i] for i in chosen]
     features = {split: task.encode_all(items) for split, items in examples.items()}
     return Splits(examples, features)
 
@@ -277,8 +283,9 @@ def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = Fa
     evaluator = (lambda: evaluate("validation")[0]) if "validation" in splits.examples else None
     run_config = {name: value.__dict__ for name, value in config.items()}
     run_config["task_spec"] = task.spec.to_dict()
+    anchor = _anchor(config, objective, run_dir, section.eval_batch_size)
     trainer = Trainer(objective, loader, train, run_dir, None, tokenizer, run_config, dist, progress,
-                      evaluator=evaluator)
+                      evaluator=evaluator, anchor=anchor)
     if resume:
         trainer.resume()
     trainer.fit()
@@ -296,6 +303,27 @@ def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = Fa
     write_json(run_dir / "results.json", results)
     write_report(run_dir, results)
     return results
+
+
+def _anchor(config: dict[str, Any], objective: Objective, run_dir: Path, batch_size: int) -> Any:
+    """Frozen layers and the L2-SP / EWC pull of the ``transfer`` section. EWC's Fisher
+    comes from an earlier task: its model (``transfer.source_model``) scoring its data
+    (``transfer.source_data``)."""
+    transfer: TransferSection = config["transfer"]
+    fisher_objective, batches = None, None
+    if transfer.regularizer == "ewc" and not (run_dir / "anchor.safetensors").exists():
+        if transfer.source_model is None or not transfer.source_data:
+            raise ConfigError(["transfer.regularizer=ewc in fine-tuning needs transfer.source_model (the earlier "
+                               "task's model folder) and transfer.source_data (its data)"])
+        from lmforge.data.loader import BucketedLoader
+
+        source_task, fisher_objective = load_task_model(transfer.source_model)
+        examples = source_task.read(transfer.source_data, "train")
+        features = source_task.encode_all(examples)
+        pad = source_task.tokenizer.pad_id if source_task.tokenizer.pad_id is not None else 0
+        fisher_objective.model.load_state_dict(objective.model.state_dict())  # Fisher at this run's start
+        batches = lambda: iter(BucketedLoader(features, batch_size, pad, seed=0))  # noqa: E731
+    return build_anchor(transfer, objective, batches, run_dir / "anchor.safetensors", fisher_objective)
 
 
 def export_task_model(run_dir: Path, objective: Objective, task: Task) -> Path:

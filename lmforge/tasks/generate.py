@@ -117,8 +117,9 @@ class GenerateTask(Task):
                                 "pass it as prompt/target pairs instead")
             spans.append((len(before), len(through)))
         encoded = self.tokenizer.encode_full(full)
-        labels = [token if any(s <= start < e for s, e in spans) else IGNORE_INDEX
-                  for token, (start, _) in zip(encoded.ids, encoded.offsets, strict=True)]
+        # a token that overlaps an assistant turn is learned (a BPE token may carry the space before it)
+        labels = [token if any(start < e and end > s for s, e in spans) else IGNORE_INDEX
+                  for token, (start, end) in zip(encoded.ids, encoded.offsets, strict=True)]
         return encoded.ids, labels
 
     # ------------------------------------------------------------------ model

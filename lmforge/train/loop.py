@@ -126,6 +126,7 @@ class Trainer:
         progress: bool = True,
         on_eval: Callable[[int, dict[str, float]], None] | None = None,
         evaluator: Callable[[], dict[str, float]] | None = None,
+        anchor: Any = None,
     ) -> None:
         self.objective = objective
         self.loader = train_loader
@@ -138,6 +139,7 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.on_eval = on_eval
         self.evaluator = evaluator  # task metrics (fine-tuning) instead of the objective's loss
+        self.anchor = anchor  # transfer.regularizers.Anchor: L2-SP / EWC pull towards the start
         self.accumulation = config.accumulation(self.dist.world_size)
         self.step = 0
         self.best: float | None = None
@@ -226,6 +228,10 @@ class Trainer:
             for key, value in out.stats.items():
                 stats[key] = stats.get(key, 0.0) + value
             tokens += self.objective.tokens_in(batch)
+        extra: dict[str, float] = {}
+        if self.anchor is not None:  # once per step, after all micro-batches: exact under accumulation
+            self.anchor.add_gradients()
+            extra["regularizer"] = self.anchor.value()
         grad_norm = float("nan")
         if self.config.clip_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.clip_norm))
@@ -233,7 +239,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         metrics, (total_tokens,) = self._term_metrics(sums, stats, global_counts, extra=[float(tokens)])
-        return {"lr": lr, "grad_norm": grad_norm, "tokens": total_tokens, **metrics}
+        return {"lr": lr, "grad_norm": grad_norm, "tokens": total_tokens, **metrics, **extra}
 
     def _term_metrics(
         self, sums: dict[str, float], stats: dict[str, float], counts: dict[str, float], counts_are_global: bool = True,

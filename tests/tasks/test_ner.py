@@ -1,0 +1,110 @@
+"""NER: first-sub-token alignment, seqeval strict entity F1 (known answers), readers,
+windows for long sentences, and learning above chance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.loader import IGNORE_INDEX
+from lmforge.errors import DataError
+from lmforge.eval.metrics import entity_metrics
+from lmforge.tasks import TaskSpec, make_task
+from lmforge.tasks.ner import read_conll, repair_bio, spans_to_tags
+from lmforge.tokenizer import Tokenizer
+from tests.tasks.conftest import ner, write_jsonl
+from tests.tasks.helpers import finetune
+
+FIELDS = {"tokens": "tokens", "tags": "tags", "text": "text", "spans": "spans"}
+
+
+def test_entity_f1_is_entity_level_and_strict() -> None:
+    gold = [["B-PER", "I-PER", "O", "B-LOC"]]
+    predicted = [["B-PER", "O", "O", "B-LOC"]]  # 3 of 4 tokens right, but only 1 of 2 entities
+    metrics = entity_metrics(gold, predicted)
+    assert metrics["entity_precision"] == 0.5 and metrics["entity_recall"] == 0.5 and metrics["entity_f1"] == 0.5
+    assert metrics["PER_f1"] == 0.0 and metrics["LOC_f1"] == 1.0
+    # strict mode: an entity that starts with I- is not an entity
+    assert entity_metrics([["B-PER", "I-PER"]], [["I-PER", "I-PER"]])["entity_f1"] == 0.0
+    # BIOES
+    assert entity_metrics([["S-LOC", "B-PER", "E-PER"]], [["S-LOC", "B-PER", "I-PER"]], "BIOES")["entity_f1"] == \
+        pytest.approx(2 / 3)
+
+
+def test_labels_sit_on_the_first_sub_token(tiny_encoder_dir: Path) -> None:
+    tokenizer = Tokenizer.load(tiny_encoder_dir)
+    task = make_task(TaskSpec("ner", FIELDS, []), tokenizer)
+    task.fit([{"tokens": ["x"], "tags": ["O", "B-PER", "I-PER", "B-LOC"]}])
+    assert task.spec.labels == ["O", "B-LOC", "B-PER", "I-PER"]
+    words = ["mr", "annagrace", "smith", "in", "paris"]  # annagrace splits into several pieces
+    example = {"tokens": words, "tags": ["O", "B-PER", "I-PER", "O", "B-LOC"], "_source": "t:1"}
+    (feature,) = task.encode(example)
+    encoded = tokenizer.encode_full(words)
+    assert encoded.word_ids.count(1) > 1
+    expected = []
+    for position, word in enumerate(encoded.word_ids):
+        first = word is not None and encoded.word_ids.index(word) == position
+        expected.append(task.spec.labels.index(example["tags"][word]) if first else IGNORE_INDEX)
+    assert feature["labels"] == expected
+    assert [feature["labels"][p] for p in feature["_first"]] == [0, 2, 3, 0, 1]
+
+
+def test_readers_and_tag_checks(tmp_path: Path) -> None:
+    conll = tmp_path / "a.conll"
+    conll.write_text("-DOCSTART- O\n\nJohn NNP B-PER\nlives VBZ O\n\nin IN O\nParis NNP B-LOC\n", encoding="utf-8")
+    sentences = list(read_conll(conll))
+    assert [s["tokens"] for s in sentences] == [["John", "lives"], ["in", "Paris"]]
+    assert sentences[1]["tags"] == ["O", "B-LOC"] and sentences[1]["_source"] == f"{conll}:6"
+    words, tags = spans_to_tags("张三在北京 works", [{"start": 0, "end": 2, "label": "PER"},
+                                                    {"start": 3, "end": 5, "label": "LOC"}], "x:1", "BIO")
+    assert words == ["张", "三", "在", "北", "京", "works"]
+    assert tags == ["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "O"]
+    assert spans_to_tags("new york", [{"start": 0, "end": 8, "label": "LOC"}], "x", "BIOES")[1] == ["B-LOC", "E-LOC"]
+    with pytest.raises(DataError, match="x:1: span 1-3 .* does not fall on word boundaries"):
+        spans_to_tags("new york", [{"start": 1, "end": 3, "label": "LOC"}], "x:1", "BIO")
+    assert repair_bio(["O", "I-PER", "I-PER", "I-LOC"]) == ["O", "B-PER", "I-PER", "B-LOC"]
+
+
+def test_bad_tags_and_lengths_are_named(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    tokenizer = Tokenizer.load(tiny_encoder_dir)
+    task = make_task(TaskSpec("ner", FIELDS, []), tokenizer)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"tokens": ["a", "b"], "tags": ["O", "PER"]}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: tag 'PER' is not a BIO tag"):
+        task.read([str(bad)], "train")
+    bad = write_jsonl(tmp_path / "bad2.jsonl", [{"tokens": ["a", "b"], "tags": ["O"]}])
+    with pytest.raises(DataError, match=r"bad2.jsonl:1: 2 tokens but 1 tags"):
+        task.read([str(bad)], "train")
+
+
+def test_long_sentences_split_into_windows_and_join_back(tiny_encoder_dir: Path) -> None:
+    tokenizer = Tokenizer.load(tiny_encoder_dir)
+    task = make_task(TaskSpec("ner", FIELDS, [], {"max_length": 12, "truncate": True}), tokenizer)
+    rows = ner(3, 9)
+    example = {"tokens": sum((r["tokens"] for r in rows), []), "tags": sum((r["tags"] for r in rows), []),
+               "_source": "long:1"}
+    task.fit([example])
+    features = task.encode(example)
+    assert len(features) > 1 and all(len(f["input_ids"]) <= 12 for f in features)
+    assert sum(len(f["_first"]) for f in features) == len(example["tokens"])
+    # decoding each window with its gold labels gives back the gold tags of the whole sentence
+    merged = None
+    for feature in features:
+        tags = [task.spec.labels[feature["labels"][p]] for p in feature["_first"]]
+        merged = task.merge(merged, {"offset": feature["_offset"], "tags": tags}, example)
+    assert task.finish(merged, example)["tags"] == example["tags"]
+    strict = make_task(TaskSpec("ner", FIELDS, task.spec.labels, {"max_length": 12}), tokenizer)
+    with pytest.raises(DataError, match="long:1: .* tokens exceed max_length=12"):
+        strict.encode(example)
+
+
+def test_ner_learns_entities(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", ner(300, 1))
+    validation = write_jsonl(tmp_path / "validation.jsonl", ner(80, 2))
+    results = finetune(tiny_encoder_dir, tmp_path / "run", "--task", "ner", "--train", str(train), "--validation",
+                       str(validation), epochs=5)
+    assert results["validation"]["entity_f1"] > 0.6, results  # chance is near 0
+    import json
+
+    first = json.loads((tmp_path / "run" / "predictions-validation.jsonl").read_text().splitlines()[0])
+    assert {"tokens", "tags", "entities"} <= set(first) and len(first["tags"]) == len(first["tokens"])
