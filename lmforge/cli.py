@@ -225,6 +225,48 @@ def finetune(argv: list[str]) -> None:
     print(f"model: {Path(output) / 'model'}; report: {Path(output) / 'report.md'}")
 
 
+def transfer_curve(argv: list[str]) -> None:
+    """lmforge transfer curve --budgets 50 200 all --start NAME=PATH [--start NAME=random:PATH ...]
+                             [--seeds 0 1 2] --output DIR  + the finetune flags (--task, --train, ...)
+
+    Fine-tune every start on every label budget with every seed; writes curve.md (mean ± std),
+    curve.json and curve.png. ``random:PATH`` = PATH's architecture and tokenizer, fresh weights.
+    Finished runs are kept, so an interrupted curve continues.
+    """
+    if not argv or argv[0] in ("-h", "--help"):
+        print(transfer_curve.__doc__)
+        return
+    budgets: list[str] = []
+    seeds: list[int] = []
+    starts: dict[str, str] = {}
+    output, rest, current = None, [], None
+    for arg in argv:
+        if arg in ("--budgets", "--seeds", "--start", "--output"):
+            current = arg
+            continue
+        if current == "--budgets" and not arg.startswith("--"):
+            budgets.append(arg)
+        elif current == "--seeds" and not arg.startswith("--"):
+            seeds.append(int(arg))
+        elif current == "--start":
+            name, _, path = arg.partition("=")
+            if not path:
+                raise LmforgeError(f"--start {arg}: expected NAME=PATH (or NAME=random:PATH)")
+            starts[name] = path
+            current = None
+        elif current == "--output":
+            output, current = arg, None
+        else:
+            current = None
+            rest.append(arg)
+    if not budgets or not starts or output is None:
+        raise LmforgeError("transfer curve needs --budgets, at least one --start NAME=PATH and --output")
+    from lmforge.transfer.experiments import learning_curve
+
+    learning_curve(rest, budgets, starts, seeds or [0], output)
+    print((Path(output) / "curve.md").read_text(encoding="utf-8"))
+
+
 def _print_sections(module: str) -> None:
     import dataclasses
     import importlib
@@ -296,6 +338,20 @@ def predict(model: str, data: list[str], output: str, format: str | None = None,
     print(f"{count} predictions -> {output}")
 
 
+def pipeline_run(file: str) -> None:
+    """Run a multi-stage pipeline (pretrain -> continued pretraining -> fine-tune ...).
+
+    Stages whose model exists and whose inputs are unchanged are skipped; an interrupted
+    stage resumes from its last checkpoint.
+
+    Args:
+        file: the pipeline YAML (output + stages; see lmforge/transfer/pipeline.py).
+    """
+    from lmforge.transfer.pipeline import run_pipeline
+
+    run_pipeline(file)
+
+
 def report(run: str) -> None:
     """Draw the loss, perplexity and accuracy curves of a run folder to RUN/curves.png.
 
@@ -315,6 +371,7 @@ COMMANDS: dict[str, Any] = {
     "tokenizer": {"train": tokenizer_train},
     "prepare": prepare,
     "corpora": corpora,
+    "pipeline": {"run": pipeline_run},
 }
 
 
@@ -371,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if argv[:1] == ["finetune"]:
             finetune(argv[1:])
+            return 0
+        if argv[:2] == ["transfer", "curve"]:
+            transfer_curve(argv[2:])
             return 0
         CLI(COMMANDS, args=normalise_argv(argv), as_positional=False)
     except LmforgeError as error:

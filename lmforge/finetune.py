@@ -139,7 +139,8 @@ def flat_to_sections(argv: list[str]) -> list[str]:
         if flag in ("--finetune.train", "--finetune.validation", "--finetune.test"):
             if value is None:
                 raise ConfigError([f"{flag}: missing value"], where="command line")
-            lists.setdefault(flag, []).append(value)
+            parsed = json.loads(value) if value.startswith("[") else [value]  # a JSON list or one item
+            lists.setdefault(flag, []).extend(parsed)
             index += 2
             continue
         if flag in ("--finetune.eval_before", "--finetune.truncate", "--finetune.class_weights", "--finetune.chat") \

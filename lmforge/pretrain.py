@@ -26,12 +26,13 @@ from lmforge.data import document_source
 from lmforge.data.loader import PackedLoader, SentencePairLoader
 from lmforge.data.shards import Document, TokenShards, prepare_shards
 from lmforge.errors import ConfigError
-from lmforge.models import Decoder, DecoderConfig, MaskedLM, preset
+from lmforge.models import Decoder, DecoderConfig, Encoder, MaskedLM, preset
 from lmforge.objectives import CausalLMObjective, MaskedLMObjective, MaskingConfig
 from lmforge.objectives.base import Objective
 from lmforge.tokenizer import Tokenizer, train_bpe, train_wordpiece
 from lmforge.train import TrainConfig, Trainer
 from lmforge.train.dist import Distributed, setup_distributed
+from lmforge.transfer.regularizers import TransferSection, build_anchor
 
 
 @dataclass
@@ -58,6 +59,9 @@ class DataSection:
     lowercase: bool = True
     seq_len: int = 128
     workers: int | None = None
+    rehearsal_corpus: list[str] = field(default_factory=list)  # continued pretraining: the original corpus
+    rehearsal_files: list[str] = field(default_factory=list)
+    rehearsal_ratio: float = 0.0  # share of the training characters taken from the rehearsal source
 
     def __post_init__(self) -> None:
         problems = []
@@ -67,6 +71,10 @@ class DataSection:
             problems.append(f"seq_len={self.seq_len}: must be >= 8")
         if self.vocab_size < 100:
             problems.append(f"vocab_size={self.vocab_size}: must be >= 100")
+        if not 0 <= self.rehearsal_ratio < 1:
+            problems.append(f"rehearsal_ratio={self.rehearsal_ratio}: must be in [0, 1)")
+        if self.rehearsal_ratio > 0 and not self.rehearsal_corpus and not self.rehearsal_files:
+            problems.append("rehearsal_ratio > 0 needs rehearsal_corpus or rehearsal_files")
         if problems:
             raise ConfigError(problems)
 
@@ -86,7 +94,7 @@ class ObjectiveSection:
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "objective": ObjectiveSection,
-                             "train": TrainConfig}
+                             "train": TrainConfig, "transfer": TransferSection}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -116,7 +124,14 @@ def _documents(data: DataSection, split: str, words: bool) -> Callable[[], Itera
     files = data.files if split == "train" else data.validation_files
     if not data.corpus and not files:
         return lambda: iter(())
-    return document_source(data.corpus, files, split, data.text_field, data.text_mode, words)
+    documents = document_source(data.corpus, files, split, data.text_field, data.text_mode, words)
+    if split == "train" and data.rehearsal_ratio > 0:
+        from lmforge.data import mixed_source
+
+        old = document_source(data.rehearsal_corpus, data.rehearsal_files, "train", data.text_field, data.text_mode,
+                              words)
+        documents = mixed_source(documents, old, data.rehearsal_ratio)
+    return documents
 
 
 def _special_ids(tokenizer: Tokenizer) -> list[int]:
@@ -129,6 +144,8 @@ def build_objective(config: dict[str, Any], tokenizer: Tokenizer) -> Objective:
         from lmforge.checkpoint import load_pretrained
 
         model, _ = load_pretrained(model_section.init, with_mlm_head=objective.kind == "mlm")
+        if objective.kind == "mlm" and isinstance(model, Encoder):  # an encoder saved without its head
+            model = MaskedLM.around(model)
         model.train()
         if model.config.vocab_size < tokenizer.vocab_size:
             raise ConfigError([f"model.init has a vocabulary of {model.config.vocab_size}, the tokenizer "
@@ -219,7 +236,9 @@ def run_pretraining(
         evaluation = lambda: iter(make_loader(validation_shards, config, tokenizer, eval_batch, 1234, dist,  # noqa: E731
                                               shuffle=False))
     run_config = {name: value.__dict__ for name, value in config.items()}
-    trainer = Trainer(objective, loader, train, run_dir, evaluation, tokenizer, run_config, dist, progress, on_eval)
+    anchor = _anchor(config, objective, run_dir, tokenizer, dist)
+    trainer = Trainer(objective, loader, train, run_dir, evaluation, tokenizer, run_config, dist, progress, on_eval,
+                      anchor=anchor)
     if resume:
         trainer.resume()
     final = trainer.fit()
@@ -229,6 +248,26 @@ def run_pretraining(
 
         report(run_dir)
     return trainer, final
+
+
+def _anchor(config: dict[str, Any], objective: Objective, run_dir: Path, tokenizer: Tokenizer, dist: Distributed
+            ) -> Any:
+    """Frozen layers and the L2-SP / EWC pull of the ``transfer`` section; EWC's Fisher
+    is the pretraining loss on ``transfer.source_data`` (corpus names) at the start."""
+    transfer: TransferSection = config["transfer"]
+    batches = None
+    if transfer.regularizer == "ewc" and not (run_dir / "anchor.safetensors").exists():
+        if not transfer.source_data:
+            raise ConfigError(["transfer.regularizer=ewc needs transfer.source_data: the corpus the model was "
+                               "pretrained on (corpus names, or corpus:NAME)"])
+        names = [s.removeprefix("corpus:") for s in transfer.source_data]
+        words = config["objective"].kind == "mlm" and config["objective"].whole_word
+        source = prepare_shards(document_source(names, None, "train", words=words), tokenizer,
+                                run_dir / "data" / "source", workers=config["data"].workers, word_starts=words,
+                                progress=False)
+        train = config["train"]
+        batches = lambda: iter(make_loader(TokenShards(source), config, tokenizer, train.micro(1), 4321, dist))  # noqa: E731
+    return build_anchor(transfer, objective, batches, run_dir / "anchor.safetensors")
 
 
 def export_final_model(run_dir: Path) -> Path:

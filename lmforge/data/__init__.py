@@ -35,3 +35,35 @@ def document_source(
             yield from read_documents(list(files), text_field=text_field, text_mode=text_mode)  # type: ignore[arg-type]
 
     return stream
+
+
+def mixed_source(
+    new: Callable[[], Iterable[str | list[str]]],
+    old: Callable[[], Iterable[str | list[str]]],
+    ratio: float,
+) -> Callable[[], Iterable[str | list[str]]]:
+    """Rehearsal: every new-domain document plus old-domain documents until they make up
+    ``ratio`` of the characters (the loader shuffles blocks, so the two mix in batches)."""
+    if not 0 <= ratio < 1:
+        raise DataError(f"rehearsal ratio {ratio} must be in [0, 1)")
+
+    def size(document: str | list[str]) -> int:
+        return len(document) if isinstance(document, str) else sum(len(w) for w in document)
+
+    def stream() -> Iterator[str | list[str]]:
+        new_chars = 0
+        for document in new():
+            new_chars += size(document)
+            yield document
+        budget = ratio / (1 - ratio) * new_chars
+        used = 0
+        for document in old():
+            if used >= budget:
+                return
+            used += size(document)
+            yield document
+        if ratio and used < budget:
+            raise DataError(f"the rehearsal corpus has {used} characters, fewer than the {int(budget)} "
+                            f"that ratio {ratio} asks for")
+
+    return stream

@@ -181,6 +181,16 @@ class MaskedLM(nn.Module):
     ) -> torch.Tensor:
         return self.encoder(input_ids, attention_mask, token_type_ids, position_ids)
 
+    @classmethod
+    def around(cls, encoder: Encoder) -> MaskedLM:
+        """A masked LM on an existing encoder, with a freshly initialised (tied) head."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.config = encoder.config
+        model.encoder = encoder
+        model.mlm_head = MaskedLMHead(encoder.config)
+        return model
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """MLM logits (..., V) for (..., H) hidden rows (pass only the rows you need)."""
         return self.mlm_head(hidden, self.encoder.embeddings.word_embeddings.weight)

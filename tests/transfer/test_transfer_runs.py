@@ -1,0 +1,106 @@
+"""Continued pretraining (HF folder without MLM head, rehearsal), the label-efficiency
+curve end to end, pipeline skip and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.data import mixed_source
+from lmforge.errors import ConfigError, DataError
+from lmforge.pretrain import load_config, run_pretraining
+from lmforge.transfer.experiments import learning_curve
+from lmforge.transfer.forgetting import language_model_metrics
+from lmforge.transfer.pipeline import load_pipeline, run_pipeline
+from tests.tasks.conftest import sentiment, write_jsonl
+
+
+def test_rehearsal_mixes_the_asked_share() -> None:
+    new = lambda: iter(["a" * 100] * 10)  # noqa: E731
+    old = lambda: iter(["b" * 10] * 1000)  # noqa: E731
+    documents = list(mixed_source(new, old, 0.2)())
+    new_chars = sum(len(d) for d in documents if d[0] == "a")
+    old_chars = sum(len(d) for d in documents if d[0] == "b")
+    assert new_chars == 1000 and old_chars == 250  # 250 / 1250 = 0.2
+    with pytest.raises(DataError, match="fewer than"):
+        list(mixed_source(new, lambda: iter(["b"]), 0.5)())
+
+
+def test_continued_pretraining_from_a_hf_folder_lowers_new_domain_loss(minilm_dir: Path, tmp_path: Path) -> None:
+    texts = [r["text"] for r in sentiment(600, 7)]
+    (tmp_path / "tweets.txt").write_text("\n".join(texts[:500]) + "\n", encoding="utf-8")
+    (tmp_path / "held.txt").write_text("\n".join(texts[500:]) + "\n", encoding="utf-8")
+    overrides = ["--model.init", str(minilm_dir), "--data.tokenizer", str(minilm_dir), "--data.files",
+                 json.dumps([str(tmp_path / "tweets.txt")]), "--data.validation_files",
+                 json.dumps([str(tmp_path / "held.txt")]), "--data.text_mode", "lines", "--data.seq_len", "32",
+                 "--train.steps", "12", "--train.batch_size", "8", "--train.lr", "3e-4", "--train.eval_batches", "4",
+                 "--train.log_every", "4", "--train.eval_every", "12"]
+    config = load_config(None, overrides)
+    before = language_model_metrics(minilm_dir, files=[str(tmp_path / "held.txt")], seq_len=32, batch_size=8,
+                                    batches=4)
+    run_pretraining(config, tmp_path / "run", progress=False)
+    after = language_model_metrics(tmp_path / "run" / "model", files=[str(tmp_path / "held.txt")], seq_len=32,
+                                   batch_size=8, batches=4)
+    assert after["mlm_loss"] < before["mlm_loss"] - 1.0, (before, after)
+
+
+def test_curve_runs_end_to_end(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment(200, 1))
+    validation = write_jsonl(tmp_path / "validation.jsonl", sentiment(60, 2))
+    args = ["--task", "classify", "--train", str(train), "--validation", str(validation), "--epochs", "2",
+            "--train.batch_size", "16", "--train.lr", "2e-3", "--train.precision", "fp32"]
+    result = learning_curve(args, ["20", "all"], {"random": f"random:{tiny_encoder_dir}", "given": str(tiny_encoder_dir)},
+                            [0, 1], tmp_path / "curve", progress=False)
+    assert len(result["runs"]) == 8 and len(result["summary"]) == 4
+    cells = {(s["start"], s["budget"]): s for s in result["summary"]}
+    assert cells[("given", "20")]["labels"] == 20 and cells[("given", "all")]["labels"] == 200
+    for name in ("curve.md", "curve.png", "curve.json"):
+        assert (tmp_path / "curve" / name).exists()
+    assert "± " in (tmp_path / "curve" / "curve.md").read_text()
+    mtime = (tmp_path / "curve" / "runs" / "given-20-s0" / "results.json").stat().st_mtime
+    learning_curve(args, ["20"], {"given": str(tiny_encoder_dir)}, [0], tmp_path / "curve", progress=False)
+    assert (tmp_path / "curve" / "runs" / "given-20-s0" / "results.json").stat().st_mtime == mtime  # not rerun
+
+
+def test_pipeline_skips_and_reruns(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment(60, 1))
+    pipeline = tmp_path / "pipeline.yaml"
+
+    def write(lr: str) -> None:
+        pipeline.write_text(f"""
+output: {tmp_path / 'out'}
+stages:
+  - name: first
+    kind: finetune
+    set: {{finetune.task: classify, finetune.model: "{tiny_encoder_dir}", finetune.train: ["{train}"],
+           train.steps: 4, train.batch_size: 8, train.lr: {lr}}}
+  - name: second
+    kind: finetune
+    set: {{finetune.task: classify, finetune.model: "{{first}}", finetune.train: ["{train}"], train.steps: 3,
+           train.batch_size: 8}}
+""")
+
+    write("1e-3")
+    assert [d["action"] for d in run_pipeline(pipeline, progress=False)] == ["ran", "ran"]
+    settings = json.loads((tmp_path / "out" / "second" / "stage.json").read_text())["settings"]
+    assert settings["finetune.model"] == str(tmp_path / "out" / "first" / "model")
+    assert [d["action"] for d in run_pipeline(pipeline, progress=False)] == ["skipped (up to date)"] * 2
+    write("2e-3")  # the first stage's inputs change: it reruns, and so does the stage that reads it
+    assert [d["action"] for d in run_pipeline(pipeline, progress=False)] == ["ran", "ran"]
+    assert (tmp_path / "out" / "first.old").exists()
+    # an interrupted stage resumes from its checkpoint
+    record = json.loads((tmp_path / "out" / "second" / "stage.json").read_text())
+    (tmp_path / "out" / "second" / "stage.json").write_text(json.dumps({**record, "complete": False}))
+    assert [d["action"] for d in run_pipeline(pipeline, progress=False)] == ["skipped (up to date)", "resumed"]
+
+
+def test_pipeline_errors_are_listed(tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text("stages:\n  - {name: a, kind: train}\n  - {name: b, kind: finetune, set: {model: '{c}'}}\n")
+    with pytest.raises(ConfigError) as error:
+        load_pipeline(pipeline)
+    text = str(error.value)
+    assert "kind='train' must be pretrain or finetune" in text and "{c} is not an earlier stage" in text
+    assert "set key 'model' must be section.key" in text
