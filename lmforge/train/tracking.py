@@ -83,8 +83,8 @@ def report(run_dir: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
-    keys = [k for k in ("loss", "perplexity", "mlm_accuracy", "clm_accuracy", "pair_accuracy")
-            if any(k in r for r in records)]
+    keys = [k for k in ("loss", "perplexity", "mlm_accuracy", "clm_accuracy", "pair_accuracy", "accuracy", "macro_f1",
+                        "micro_f1", "entity_f1", "f1", "auc", "pearson") if any(k in r for r in records)][:5]
     figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     for axis, key in zip(axes[0], keys, strict=True):
         for split, style in (("train", "-"), ("eval", "o-")):
