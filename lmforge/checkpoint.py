@@ -44,6 +44,8 @@ def write_model_files(
         raise TypeError(f"cannot save {kind}; expected one of {', '.join(MODEL_CLASSES)}")
     config = {"lmforge_version": FORMAT_VERSION, "kind": kind, "model": model.config.to_dict(),  # type: ignore[union-attr,operator]
               **(extra or {})}
+    if getattr(model, "peft_config", None):  # load_model re-applies the method, then loads its tensors
+        config["peft"] = model.peft_config
     save_tensors(dict(model.state_dict()), folder / "model.safetensors", metadata={"format": "pt"})
     write_json(folder / "config.json", config)
     if tokenizer is not None:
@@ -64,8 +66,18 @@ def load_model(folder: str | Path) -> nn.Module:
     kind = meta.get("kind")
     if kind not in MODEL_CLASSES:
         raise CorruptFileError(f"{folder / 'config.json'}: kind={kind!r} is not one of {', '.join(MODEL_CLASSES)}")
-    model = build_from_state(MODEL_CLASSES[kind], config_from_dict(meta["model"]),
-                             load_tensors(folder / "model.safetensors"), str(folder))
+    tensors = load_tensors(folder / "model.safetensors")
+    if meta.get("peft"):
+        from lmforge.peft import PeftSection, apply_peft, load_adapter_tensors, split_peft_state
+
+        base, adapter = split_peft_state(tensors, meta["peft"]["method"])
+        if meta["peft"]["method"] == "bitfit":
+            adapter = {k: v for k, v in base.items() if k.endswith(".bias")}
+        model = build_from_state(MODEL_CLASSES[kind], config_from_dict(meta["model"]), base, str(folder))
+        apply_peft(model, PeftSection(**meta["peft"]))
+        load_adapter_tensors(model, adapter, str(folder))
+        return model.eval()
+    model = build_from_state(MODEL_CLASSES[kind], config_from_dict(meta["model"]), tensors, str(folder))
     return model.eval()
 
 

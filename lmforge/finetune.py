@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import shutil
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +34,7 @@ from lmforge.errors import ConfigError, CorruptFileError
 from lmforge.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json
 from lmforge.models import MaskedLM
 from lmforge.objectives.base import Objective
+from lmforge.peft import AdaLoraController, PeftSection, apply_peft, save_adapter
 from lmforge.tasks import TASKS, Task, TaskSpec, make_task
 from lmforge.tasks.base import steps_for_epochs
 from lmforge.tokenizer import Tokenizer
@@ -125,7 +128,8 @@ class FinetuneSection:
         return TaskSpec(self.task, fields, [], options)
 
 
-SECTIONS: dict[str, type] = {"finetune": FinetuneSection, "train": TrainConfig, "transfer": TransferSection}
+SECTIONS: dict[str, type] = {"finetune": FinetuneSection, "train": TrainConfig, "transfer": TransferSection,
+                             "peft": PeftSection}
 FLAT_ALIASES = {"--train": "--finetune.train", "--validation": "--finetune.validation", "--test": "--finetune.test"}
 DEFAULTS: dict[str, dict[str, Any]] = {"train": {"lr": 5e-5, "batch_size": 32, "log_every": 10}}
 
@@ -139,6 +143,8 @@ def flat_to_sections(argv: list[str]) -> list[str]:
     while index < len(argv):
         flag = argv[index]
         value = argv[index + 1] if index + 1 < len(argv) else None
+        if flag == "--peft":  # --peft lora is --peft.method lora
+            flag = "--peft.method"
         if flag.startswith("--") and "." not in flag.split("=")[0]:
             flag = FLAT_ALIASES.get(flag, "--finetune." + flag[2:].replace("-", "_"))
         if flag in ("--finetune.train", "--finetune.validation", "--finetune.test"):
@@ -290,15 +296,30 @@ def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = Fa
     run_config = {name: value.__dict__ for name, value in config.items()}
     run_config["task_spec"] = task.spec.to_dict()
     anchor = _anchor(config, objective, run_dir, section.eval_batch_size)
+    peft: PeftSection = config["peft"]
+    hooks: list[Any] = []
+    results["parameters"] = apply_peft(objective.model, peft) if peft.method != "none" else {}
+    if peft.method == "adalora":
+        hooks.append(AdaLoraController(objective.model, train.steps, peft.init_r, peft.target_r, peft.tinit,
+                                       peft.tfinal, peft.delta_t, peft.beta1, peft.beta2, peft.orth_reg))
+    results["parameters"].update(trainable_parameters(objective))
     trainer = Trainer(objective, loader, train, run_dir, None, tokenizer, run_config, dist, progress,
-                      evaluator=evaluator, anchor=anchor)
+                      evaluator=evaluator, anchor=anchor, hooks=hooks)
     if resume:
         trainer.resume()
+    started, first_step = time.perf_counter(), trainer.step
     trainer.fit()
+    results["seconds_per_step"] = (time.perf_counter() - started) / max(trainer.step - first_step, 1)
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if hooks:
+        results["adalora_ranks"] = hooks[0].ranks()
     if not dist.is_main:
         return results
     best = export_task_model(run_dir, objective, task)
     task, objective = load_task_model(best)
+    if peft.method != "none":
+        adapter = save_adapter(objective.model, best / "adapter", {"task": task.spec.to_dict()})
+        results["adapter_bytes"] = sum(f.stat().st_size for f in adapter.glob("adapter.*"))
     for split in ("validation", "test"):
         if split in splits.examples:
             metrics, predictions = evaluate(split, final=True)
@@ -309,6 +330,13 @@ def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = Fa
     write_json(run_dir / "results.json", results)
     write_report(run_dir, results)
     return results
+
+
+def trainable_parameters(objective: Objective) -> dict[str, Any]:
+    """Trainable parameters of backbone + head, as a count and a share of all."""
+    total = sum(p.numel() for p in objective.parameters())
+    trainable = sum(p.numel() for p in objective.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "trainable_share": trainable / max(total, 1)}
 
 
 def _anchor(config: dict[str, Any], objective: Objective, run_dir: Path, batch_size: int) -> Any:

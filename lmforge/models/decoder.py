@@ -15,6 +15,8 @@ Module names follow Hugging Face Llama, so Llama key maps are the identity minus
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +32,7 @@ from lmforge.models.layers import (
     fuse_linears,
     fused_is_current,
     init_weights,
+    with_prefix,
 )
 
 
@@ -54,6 +57,7 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see Decoder.use_decoding_layout
+        self.prefix: Any = None  # prefix tuning: a callable giving (keys, values), each (kv heads, P, hd)
 
     def forward(
         self,
@@ -80,6 +84,8 @@ class SelfAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer_index, k, v)  # (B, nkv, S, hd)
+        if self.prefix is not None:
+            k, v, mask = with_prefix(k, v, mask, self.prefix(), causal_from_scratch=mask is None and past == 0 and T > 1)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -155,6 +161,7 @@ class Decoder(nn.Module):
         self.norm = _norm(config)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.prompt: nn.Module | None = None  # prompt tuning: soft embeddings put before the tokens
         init_weights(self, config.initializer_range, config.num_layers)
 
     @property
@@ -231,13 +238,26 @@ class Decoder(nn.Module):
         document_ids: (B, T) for packed training sequences: attention stays inside each
             document and positions restart at each document (unless position_ids given).
         """
-        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        prompt = 0
+        if self.prompt is not None:  # soft prompt before the tokens; once in the cache, it stays there
+            size = self.prompt.length  # type: ignore[union-attr]
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], size), attention_mask], 1)
+            if cache is None or cache.length == 0:
+                x = torch.cat([self.prompt(x.shape[0]).to(x.dtype), x], dim=1)
+                prompt = size
+                if position_ids is not None:
+                    position_ids = torch.cat([torch.arange(size).expand(x.shape[0], size), position_ids + size], 1)
+        if prompt and document_ids is not None:
+            raise ValueError("prompt tuning does not combine with packed document masks")
+        B, T = x.shape[:2]
         past = cache.length if cache is not None else 0
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: take the fast causal path
         counted_positions = position_ids is None  # then no position exceeds past + T - 1
         if position_ids is None and document_ids is not None:
-            steps = torch.arange(T, device=input_ids.device).expand(B, T)
+            steps = torch.arange(T, device=x.device).expand(B, T)
             starts = torch.where(torch.cat([torch.ones_like(document_ids[:, :1], dtype=torch.bool),
                                             document_ids[:, 1:] != document_ids[:, :-1]], 1), steps, 0)
             position_ids = steps - starts.cummax(1).values
@@ -246,8 +266,7 @@ class Decoder(nn.Module):
                 counted = attention_mask.long().cumsum(-1) - 1  # (B, past + T)
                 position_ids = counted[:, past : past + T].clamp(min=0)
             else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        x = self.embed_tokens(input_ids)  # (B, T, H)
+                position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
         rotary = None
         if self.rotary is not None:
             rotary = self.rotary(position_ids, past + T - 1 if counted_positions else None)
@@ -259,7 +278,8 @@ class Decoder(nn.Module):
             x = block(x, rotary, mask, cache)
         if cache is not None:
             cache.advance(T)
-        return self.norm(x)
+        x = self.norm(x)
+        return x[:, prompt:] if prompt else x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (..., V) for hidden states (..., H)."""

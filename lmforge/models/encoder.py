@@ -13,12 +13,14 @@ word embeddings); it maps any (N, H) rows, so objectives project only the masked
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.config import EncoderConfig
-from lmforge.models.layers import activation, attention_mask_for_sdpa, init_weights
+from lmforge.models.layers import activation, attention_mask_for_sdpa, init_weights, with_prefix
 
 
 class Packing:
@@ -72,6 +74,7 @@ class Attention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.output = nn.Linear(config.hidden_size, config.hidden_size)
+        self.prefix: Any = None  # prefix tuning: a callable giving (keys, values), each (heads, P, hd)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
         """x is (B, T, H), or (N, H) real-token rows when ``packing`` is given."""
@@ -82,6 +85,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.prefix is not None:
+            k, v, mask = with_prefix(k, v, mask, self.prefix(), causal_from_scratch=False)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hd)
@@ -114,6 +119,7 @@ class Encoder(nn.Module):
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if config.add_pooler else None
+        self.prompt: nn.Module | None = None  # prompt tuning: soft embeddings put before the tokens
         init_weights(self, config.initializer_range)
 
     def forward(
@@ -129,16 +135,24 @@ class Encoder(nn.Module):
         tokens only; attention alone sees the padded grid. Padding positions of the
         output are zeros.
         """
+        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
+        prompt = 0
+        if self.prompt is not None:  # (B, P + T, H); the soft prompt has no position or type embedding
+            soft = self.prompt(x.shape[0]).to(x.dtype)
+            prompt = soft.shape[1]
+            x = torch.cat([soft, x], dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask.new_ones(x.shape[0], prompt), attention_mask], dim=1)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        mask = attention_mask_for_sdpa(attention_mask, input_ids.shape[1], 0, causal=False)
-        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
+        mask = attention_mask_for_sdpa(attention_mask, x.shape[1], 0, causal=False)
         packing = Packing(attention_mask) if attention_mask is not None else None
         if packing is not None:
             x = packing.unpad(x)  # (N, H), N = real tokens
         for block in self.layers:
             x = block(x, mask, packing)
-        return packing.pad(x) if packing is not None else x
+        x = packing.pad(x) if packing is not None else x
+        return x[:, prompt:] if prompt else x
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """BERT pooled output: tanh(W h_[CLS] + b), (B, H)."""

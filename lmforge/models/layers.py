@@ -238,3 +238,22 @@ def init_weights(module: nn.Module, std: float, num_layers: int | None = None) -
             nn.init.ones_(child.weight)
             if getattr(child, "bias", None) is not None:
                 nn.init.zeros_(child.bias)
+
+
+def with_prefix(
+    k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, prefix: tuple[torch.Tensor, torch.Tensor],
+    causal_from_scratch: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Prepend learned key/value prefixes (heads, P, hd) to k, v (B, heads, S, hd); every
+    query sees every prefix position. ``causal_from_scratch``: the caller would have used
+    ``is_causal`` (no mask, no past), so the causal mask is built here, shifted by P."""
+    pk, pv = prefix
+    B, P, T = k.shape[0], pk.shape[1], k.shape[2]
+    k = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1).to(k.dtype), k], dim=2)
+    v = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1).to(v.dtype), v], dim=2)
+    if mask is not None:
+        visible = torch.ones(*mask.shape[:-1], P, dtype=torch.bool, device=mask.device)
+        mask = torch.cat([visible, mask.bool()], dim=-1)
+    elif causal_from_scratch:
+        mask = torch.ones(T, P + T, dtype=torch.bool, device=k.device).tril(diagonal=P)[None, None]
+    return k, v, mask

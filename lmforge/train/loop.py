@@ -183,6 +183,7 @@ class Trainer:
         on_eval: Callable[[int, dict[str, float]], None] | None = None,
         evaluator: Callable[[], dict[str, float]] | None = None,
         anchor: Any = None,
+        hooks: list[Any] | None = None,
     ) -> None:
         self.objective = objective
         self.loader = train_loader
@@ -196,6 +197,8 @@ class Trainer:
         self.on_eval = on_eval
         self.evaluator = evaluator  # task metrics (fine-tuning) instead of the objective's loss
         self.anchor = anchor  # transfer.regularizers.Anchor: L2-SP / EWC pull towards the start
+        # objects with before_step(step) (gradients ready) / after_step(step) / metrics(), e.g. AdaLoRA
+        self.hooks = list(hooks or [])
         self.accumulation = config.accumulation(self.dist.world_size)
         self.step = 0
         self.best: float | None = None
@@ -288,12 +291,20 @@ class Trainer:
         if self.anchor is not None:  # once per step, after all micro-batches: exact under accumulation
             self.anchor.add_gradients()
             extra["regularizer"] = self.anchor.value()
+        for hook in self.hooks:
+            if hasattr(hook, "before_step"):
+                hook.before_step(self.step)
         grad_norm = float("nan")
         if self.config.clip_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.clip_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        for hook in self.hooks:
+            if hasattr(hook, "after_step"):
+                hook.after_step(self.step)
+            if hasattr(hook, "metrics"):
+                extra.update(hook.metrics())
         metrics, (total_tokens,) = term_metrics(self.dist, sums, stats, global_counts, extra=[float(tokens)])
         return {"lr": lr, "grad_norm": grad_norm, "tokens": total_tokens, **metrics, **extra}
 

@@ -9,8 +9,8 @@ from lmforge.finetune import load_config, run_finetuning
 
 
 def finetune(model: Path, output: Path, *flags: str, **options: Any) -> dict[str, Any]:
-    arguments = ["--model", str(model), *flags, "--train.lr", "2e-3", "--train.batch_size", "16",
-                 "--train.warmup_steps", "0", "--train.precision", "fp32"]
+    arguments = ["--model", str(model), "--train.lr", "2e-3", "--train.batch_size", "16", "--train.warmup_steps", "0",
+                 "--train.precision", "fp32", *flags]  # the caller's flags win
     for key, value in options.items():
         arguments += [f"--{key.replace('_', '-')}", str(value)]
     return run_finetuning(load_config(None, arguments), output, progress=False)
