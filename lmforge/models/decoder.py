@@ -206,6 +206,16 @@ class Decoder(nn.Module):
                 elif not wants_columns and weight.stride(1) != 1:
                     weight.data = weight.data.contiguous()
 
+    @torch.no_grad()
+    def use_training_layout(self) -> None:
+        """Undo ``use_decoding_layout``: plain contiguous weights (normal tensors even if the
+        layout was made under inference mode), no fused views; values unchanged."""
+        for block in self.layers:
+            block.self_attn.fused_qkv = None
+            block.mlp.fused_gate_up = None
+        for parameter in self.parameters():
+            parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
+
     def new_cache(
         self, batch_size: int, max_length: int, dtype: torch.dtype | None = None
     ) -> KVCache:

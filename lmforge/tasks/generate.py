@@ -179,6 +179,7 @@ class GenerateTask(Task):
                           leave=False):
             prompts = [self.prompt_text(e) for e in examples[start : start + size]]
             texts.extend(t.strip() for t in generate(model, self.tokenizer, prompts, config))
+        model.use_training_layout()  # generation re-laid the weights out for decoding; training may follow
         return texts
 
     def record(self, example: dict[str, Any], prediction: dict[str, Any]) -> dict[str, Any]:

@@ -99,7 +99,7 @@ def test_merged_equals_unmerged(method: str) -> None:
     model = toy("llama")
     apply_peft(model, PeftSection(method=method, r=4, dropout=0.0))
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn_like(parameter) * 0.1)
     data = batch()

