@@ -104,3 +104,43 @@ def test_pipeline_errors_are_listed(tmp_path: Path) -> None:
     text = str(error.value)
     assert "kind='train' must be pretrain or finetune" in text and "{c} is not an earlier stage" in text
     assert "set key 'model' must be section.key" in text
+
+
+def test_sequential_finetuning_forgetting_and_ewc(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    from lmforge.transfer.forgetting import task_after_adaptation
+    from tests.tasks.conftest import ner
+    from tests.tasks.helpers import finetune
+
+    first = write_jsonl(tmp_path / "a.jsonl", sentiment(200, 1))
+    second = write_jsonl(tmp_path / "b.jsonl", ner(120, 1))
+    a = finetune(tiny_encoder_dir, tmp_path / "a", "--task", "classify", "--train", str(first), "--validation",
+                 str(first), epochs=3)
+    plain = finetune(tmp_path / "a" / "model", tmp_path / "b", "--task", "ner", "--train", str(second), epochs=3)
+    kept = finetune(tmp_path / "a" / "model", tmp_path / "b-ewc", "--task", "ner", "--train", str(second),
+                    "--transfer.regularizer", "ewc", "--transfer.strength", "100", "--transfer.source_model",
+                    str(tmp_path / "a" / "model"), "--transfer.source_data", json.dumps([str(first)]), epochs=3)
+    assert (tmp_path / "b-ewc" / "anchor.safetensors").exists() and plain["steps"] == kept["steps"]
+    # the earlier task scored again with its own head on each later backbone
+    same = task_after_adaptation(tmp_path / "a" / "model", tmp_path / "a" / "model", [str(first)])
+    assert same["accuracy"] == pytest.approx(a["validation"]["accuracy"], abs=0.02)
+    after_plain = task_after_adaptation(tmp_path / "a" / "model", tmp_path / "b" / "model", [str(first)])
+    after_ewc = task_after_adaptation(tmp_path / "a" / "model", tmp_path / "b-ewc" / "model", [str(first)])
+    assert after_ewc["loss"] < after_plain["loss"]  # the EWC pull keeps more of task A
+
+
+def test_continued_pretraining_of_a_decoder(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    texts = [f"{r['text']} ." for r in sentiment(300, 4)]
+    (tmp_path / "a.txt").write_text("\n".join(texts[:250]) + "\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("\n".join(texts[250:]) + "\n", encoding="utf-8")
+    config = load_config(None, ["--model.init", str(tiny_decoder_dir), "--data.tokenizer", str(tiny_decoder_dir),
+                                "--data.files", json.dumps([str(tmp_path / "a.txt")]), "--data.text_mode", "lines",
+                                "--data.seq_len", "32", "--objective.kind", "clm", "--objective.whole_word", "false",
+                                "--train.steps", "30", "--train.batch_size", "8", "--train.lr", "3e-3",
+                                "--train.log_every", "10", "--transfer.regularizer", "l2sp", "--transfer.strength",
+                                "0.1"])
+    before = language_model_metrics(tiny_decoder_dir, files=[str(tmp_path / "b.txt")], seq_len=32, batch_size=8,
+                                    batches=3)
+    run_pretraining(config, tmp_path / "run", progress=False)
+    after = language_model_metrics(tmp_path / "run" / "model", files=[str(tmp_path / "b.txt")], seq_len=32,
+                                   batch_size=8, batches=3)
+    assert after["clm_loss"] < before["clm_loss"] - 1.0, (before, after)
