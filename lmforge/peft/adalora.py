@@ -93,6 +93,21 @@ class AdaLoraController:
         for layer in self.layers.values():
             layer.lora_E.mul_(layer.lora_rank_mask)
 
+    def _named(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{part}": getattr(layer, part) for name, layer in self.layers.items()
+                for part in ("lora_A", "lora_E", "lora_B")}
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The smoothed scores, by parameter name (saved in training checkpoints: exact resume)."""
+        named = self._named()
+        return {"importance": {n: self.importance[id(p)] for n, p in named.items() if id(p) in self.importance},
+                "uncertainty": {n: self.uncertainty[id(p)] for n, p in named.items() if id(p) in self.uncertainty}}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        named = self._named()
+        self.importance = {id(named[n]): t for n, t in state["importance"].items()}
+        self.uncertainty = {id(named[n]): t for n, t in state["uncertainty"].items()}
+
     def ranks(self) -> dict[str, int]:
         return {name: layer.active_rank() for name, layer in self.layers.items()}
 

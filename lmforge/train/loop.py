@@ -227,6 +227,9 @@ class Trainer:
         self.evals_without_improvement = int(state.get("evals_without_improvement", 0))
         self.loader.load_state_dict({k: int(v) for k, v in state["loader"].items()})
         torch.set_rng_state(state["torch_rng"])
+        for hook, saved in zip(self.hooks, state.get("hooks", []), strict=False):
+            if saved and hasattr(hook, "load_state_dict"):
+                hook.load_state_dict(saved)
         if self.dist.is_main:
             tqdm.write(f"resumed from {folder} at step {self.step}")
         return True
@@ -235,7 +238,8 @@ class Trainer:
         if not self.dist.is_main:
             return None
         state = {"loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state(), "best": self.best,
-                 "evals_without_improvement": self.evals_without_improvement}
+                 "evals_without_improvement": self.evals_without_improvement,
+                 "hooks": [h.state_dict() if hasattr(h, "state_dict") else {} for h in self.hooks]}
         return save_checkpoint(self.run_dir, self.step, self.objective, self.optimizer, state, self.tokenizer,
                                self.run_config, self.config.keep_last)
 

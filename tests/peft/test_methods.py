@@ -173,3 +173,17 @@ def test_adapters_switch_at_inference(tmp_path: Path) -> None:
     assert torch.allclose(run(served, data), outputs["b"], atol=1e-6)
     bank.use("a")
     assert torch.allclose(run(served, data), outputs["a"], atol=1e-6)
+
+
+def test_adalora_scores_survive_a_checkpoint() -> None:
+    model = toy("encoder")
+    apply_peft(model, PeftSection(method="adalora", init_r=4, target_r=2))
+    controller = AdaLoraController(model, 10, 4, 2, 0, 0, 1, 0.85, 0.85, 0.1)
+    head = nn.Linear(32, 2)
+    head(run(model, batch())).pow(2).mean().backward()
+    controller.before_step(0)
+    saved = controller.state_dict()
+    again = AdaLoraController(model, 10, 4, 2, 0, 0, 1, 0.85, 0.85, 0.1)
+    again.load_state_dict(saved)
+    for name, scores in controller.triplet_scores().items():
+        assert torch.equal(again.triplet_scores()[name], scores)
