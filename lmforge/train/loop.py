@@ -39,6 +39,12 @@ from lmforge.train.tracking import RunLogger, measure_matmul_peak
 log = logging.getLogger(__name__)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by ``Trainer.fit`` after a SIGINT/SIGTERM, once the checkpoint is saved: the
+    run is unfinished, so nothing downstream (final model, results, the next run of a
+    curve or pipeline) may treat it as done. Resume it with ``--resume``."""
+
+
 @dataclass
 class TrainConfig:
     """How to train. ``batch_size`` is the global batch of one optimizer step (all
@@ -397,6 +403,8 @@ class Trainer:
                     signal.signal(sig, handler)
         if self.dist.is_main:
             tqdm.write(f"stopped at step {self.step} ({reason}); run folder: {self.run_dir}")
+        if reason == "signal":
+            raise TrainingInterrupted(f"interrupted at step {self.step}; the checkpoint in {self.run_dir} resumes it")
         return last_eval
 
     def _improved(self, value: float) -> bool:
