@@ -77,7 +77,12 @@ def parse_overrides(arguments: list[str]) -> dict[str, dict[str, Any]]:
             problems.append(f"{flag}: expected --section.key VALUE")
             continue
         section, key = flag[2:].split(".", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
+            value = raw  # "Translate into Chinese: " is text, not a mapping
         if isinstance(value, float) or raw.strip().lower() in ("nan", "inf"):
             value = float(raw)
         elif isinstance(value, str) and _looks_numeric(raw):

@@ -15,6 +15,7 @@ ROUGE-L (summaries).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,8 @@ from lmforge.models import Decoder
 from lmforge.objectives import CausalLMObjective
 from lmforge.objectives.base import Objective
 from lmforge.tasks.base import Task, autocast_context
+
+log = logging.getLogger(__name__)
 
 
 class GenerateTask(Task):
@@ -99,8 +102,12 @@ class GenerateTask(Task):
         if self.check_length(ids, example):
             limit = int(self.options["max_length"])
             ids, labels = ids[:limit], labels[:limit]
-            if labeled and all(label == IGNORE_INDEX for label in labels):
-                raise DataError(f"{example['_source']}: nothing of the target is left within max_length={limit}")
+            if labeled and all(label == IGNORE_INDEX for label in labels[1:]):
+                if example.get("messages") is None:
+                    raise DataError(f"{example['_source']}: nothing of the target is left within max_length={limit}")
+                log.warning("%s: no assistant turn starts within max_length=%d; the dialogue is left out",
+                            example["_source"], limit)
+                return []
         return [{"input_ids": ids, "labels": labels}]
 
     def _encode_dialogue(self, example: dict[str, Any]) -> tuple[list[int], list[int]]:

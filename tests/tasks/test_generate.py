@@ -69,3 +69,11 @@ def test_encoder_for_generation_is_refused(tiny_encoder_dir: Path, tmp_path: Pat
     train = write_jsonl(tmp_path / "train.jsonl", translation(20, 1))
     with pytest.raises(DataError, match="needs a decoder"):
         finetune(tiny_encoder_dir, tmp_path / "run", "--task", "generate", "--train", str(train), "--chat", "false")
+
+
+def test_instruction_text_with_a_colon_stays_text(tiny_decoder_dir: Path) -> None:
+    from lmforge.finetune import load_config
+
+    config = load_config(None, ["--task", "generate", "--model", str(tiny_decoder_dir), "--train", "x.jsonl",
+                                "--instruction", "Translate into Chinese: "])
+    assert config["finetune"].instruction == "Translate into Chinese: "
