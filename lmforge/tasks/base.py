@@ -159,7 +159,8 @@ class Task:
 
     def record(self, example: dict[str, Any], prediction: dict[str, Any]) -> dict[str, Any]:
         """One line of predictions.jsonl: the example's input fields plus the prediction."""
-        keep = {k: v for k, v in example.items() if not k.startswith("_") and k not in self.label_fields()}
+        keep = {k: v for k, v in example.items() if not k.startswith("_") and k not in self.label_fields()
+                and v is not None}
         return {**keep, **prediction}
 
     def plots(self, examples: Sequence[dict[str, Any]], predictions: Sequence[dict[str, Any]], folder: Path,
