@@ -103,9 +103,7 @@ class GenerateTask(Task):
             limit = int(self.options["max_length"])
             ids, labels = ids[:limit], labels[:limit]
             if labeled and all(label == IGNORE_INDEX for label in labels[1:]):
-                if example.get("messages") is None:
-                    raise DataError(f"{example['_source']}: nothing of the target is left within max_length={limit}")
-                log.warning("%s: no assistant turn starts within max_length=%d; the dialogue is left out",
+                log.warning("%s: nothing of the target starts within max_length=%d; the example is left out",
                             example["_source"], limit)
                 return []
         return [{"input_ids": ids, "labels": labels}]
