@@ -429,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["finetune"]:
             finetune(argv[1:])
             return 0
+        if argv[:2] == ["pipeline", "run"] and len(argv) == 3 and not argv[2].startswith("-"):
+            argv = [*argv[:2], "--file", argv[2]]  # `lmforge pipeline run FILE`
         if argv[:2] == ["transfer", "curve"]:
             transfer_curve(argv[2:])
             return 0

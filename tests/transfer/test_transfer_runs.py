@@ -144,3 +144,10 @@ def test_continued_pretraining_of_a_decoder(tiny_decoder_dir: Path, tmp_path: Pa
     after = language_model_metrics(tmp_path / "run" / "model", files=[str(tmp_path / "b.txt")], seq_len=32,
                                    batch_size=8, batches=3)
     assert after["clm_loss"] < before["clm_loss"] - 1.0, (before, after)
+
+
+def test_pipeline_cli_takes_the_file_positionally(tmp_path: Path) -> None:
+    from lmforge.cli import main
+
+    (tmp_path / "p.yaml").write_text("stages: []\n")
+    assert main(["pipeline", "run", str(tmp_path / "p.yaml")]) == 2  # parsed, then refused: no stages
