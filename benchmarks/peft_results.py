@@ -22,8 +22,12 @@ from pathlib import Path
 from lmforge.data.corpora import package_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-LR = {"none": "1e-4", "lora": "1e-3", "adalora": "2e-3", "adapter": "1e-3", "ia3": "3e-3", "bitfit": "1e-3",
+LR = {"none": "1e-4", "lora": "1e-3", "lora-all": "3e-3", "adalora": "2e-3", "adapter": "1e-3", "ia3": "3e-3", "bitfit": "1e-3",
       "prefix": "3e-3", "prompt": "1e-2"}
+# variants: a method with other settings, run under its own name
+VARIANTS = {"lora-all": ["--peft", "lora", "--peft.targets", json.dumps(["attention.query", "attention.key", "attention.value",
+                                                                      "attention.output", "intermediate",
+                                                                      r"re:layers\.\d+\.output$"])]}
 ENCODER_METHODS = ["none", "lora", "adalora", "adapter", "prefix", "prompt", "bitfit", "ia3"]
 DECODER_METHODS = ["none", "lora", "adalora", "adapter", "prefix", "prompt", "ia3"]  # Llama layers have no biases
 
@@ -58,14 +62,16 @@ def main() -> None:
         run = out / method
         if not (run / "results.json").exists():
             lr = str(float(LR[method]) * float(options["lr_scale"]))
-            command = [str(ROOT / ".venv" / "bin" / "lmforge"), "finetune", *base, "--peft", method, "--train.lr", lr,
+            peft = VARIANTS.get(method, ["--peft", method])
+            command = [str(ROOT / ".venv" / "bin" / "lmforge"), "finetune", *base, *peft, "--train.lr", lr,
                        "--output", str(run)]
             print(" ".join(command), flush=True)
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         results = json.loads((run / "results.json").read_text())
         split = "test" if "test" in results else "validation"
         metric = results["main_metric"] if args.table != "dialogue" else "perplexity"
-        rows.append({"method": "full fine-tuning" if method == "none" else method, "lr": LR[method],
+        name = {"none": "full fine-tuning", "lora-all": "lora (all linear layers, r 8)"}.get(method, method)
+        rows.append({"method": name, "lr": LR[method],
                      "trainable": results["parameters"]["trainable"],
                      "share": results["parameters"]["trainable_share"],
                      "adapter_mb": results.get("adapter_bytes", (run / "model" / "model.safetensors").stat().st_size)
