@@ -124,6 +124,16 @@ class Task:
                             f"raise --max-length or pass --truncate")
         return True
 
+    def encode_texts(self, example: dict[str, Any], text: Any, pair: Any = None) -> dict[str, Any]:
+        """input_ids and token_type_ids of a text (or pair), checked against max_length and
+        truncated (keeping the final special token) when the task allows it."""
+        encoded = self.tokenizer.encode_full(str(text), str(pair) if pair not in (None, "") else None)
+        ids, types = encoded.ids, encoded.token_type_ids
+        if self.check_length(ids, example):
+            limit = int(self.options["max_length"])
+            ids, types = truncate_keep_last(ids, limit), truncate_keep_last(types, limit)
+        return {"input_ids": ids, "token_type_ids": types}
+
     # ------------------------------------------------------------------ model
     def build_head(self, model: nn.Module) -> nn.Module | None:
         raise NotImplementedError

@@ -20,7 +20,7 @@ from torch import nn
 
 from lmforge.errors import DataError
 from lmforge.eval import metrics as M
-from lmforge.tasks.base import Head, Task, hidden_size, hidden_states, label_index, pool, sorted_labels, truncate_keep_last
+from lmforge.tasks.base import Head, Task, hidden_size, hidden_states, label_index, pool, sorted_labels
 
 
 class ClassifyTask(Task):
@@ -65,13 +65,7 @@ class ClassifyTask(Task):
             self.options["class_weight_values"] = [float(w) for w in weights]
 
     def encode(self, example: dict[str, Any], labeled: bool = True) -> list[dict[str, Any]]:
-        pair = example.get("text_pair")
-        encoded = self.tokenizer.encode_full(str(example["text"]), str(pair) if pair not in (None, "") else None)
-        ids, types = encoded.ids, encoded.token_type_ids
-        if self.check_length(ids, example):
-            limit = int(self.options["max_length"])
-            ids, types = truncate_keep_last(ids, limit), truncate_keep_last(types, limit)
-        feature: dict[str, Any] = {"input_ids": ids, "token_type_ids": types}
+        feature = self.encode_texts(example, example["text"], example.get("text_pair"))
         if labeled:
             feature["labels"] = self.target(example)
         return [feature]

@@ -18,7 +18,7 @@ from torch import nn
 
 from lmforge.errors import DataError
 from lmforge.eval import metrics as M
-from lmforge.tasks.base import Head, Task, hidden_size, hidden_states, pool, truncate_keep_last
+from lmforge.tasks.base import Head, Task, hidden_size, hidden_states, pool
 
 
 class PairScoreTask(Task):
@@ -38,12 +38,7 @@ class PairScoreTask(Task):
         return value
 
     def encode(self, example: dict[str, Any], labeled: bool = True) -> list[dict[str, Any]]:
-        encoded = self.tokenizer.encode_full(str(example["query"]), str(example["item"]))
-        ids, types = encoded.ids, encoded.token_type_ids
-        if self.check_length(ids, example):
-            limit = int(self.options["max_length"])
-            ids, types = truncate_keep_last(ids, limit), truncate_keep_last(types, limit)
-        feature: dict[str, Any] = {"input_ids": ids, "token_type_ids": types}
+        feature = self.encode_texts(example, example["query"], example["item"])
         if labeled:
             feature["labels"] = min(self._relevance(example), 1.0)
         return [feature]
