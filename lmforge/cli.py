@@ -188,13 +188,10 @@ def pretrain(argv: list[str]) -> None:
     the command line, e.g. --train.lr 3e-4 --train.steps 500. Every problem in the config
     is reported at once. Launch under torchrun for several processes/GPUs.
     """
-    if not argv or argv[0] in ("-h", "--help"):
-        print(pretrain.__doc__)
-        _print_sections("lmforge.pretrain")
+    parsed = _recipe_flags(argv, pretrain, "lmforge.pretrain")
+    if parsed is None:
         return
-    config_path, output, resume, rest = _run_flags(argv)
-    if output is None:
-        raise LmforgeError("pretrain needs --output RUN_DIR")
+    config_path, output, resume, rest = parsed
     from lmforge.pretrain import load_config, run_pretraining
 
     run_pretraining(load_config(config_path, rest), output, resume=resume)
@@ -209,13 +206,10 @@ def finetune(argv: list[str]) -> None:
     for ner, SQuAD JSON for qa) or corpus:NAME. Flat flags set the finetune section, dotted
     flags any section (--train.lr, --train.layer_lr_decay 0.9, --train.early_stopping_patience 3).
     """
-    if not argv or argv[0] in ("-h", "--help"):
-        print(finetune.__doc__)
-        _print_sections("lmforge.finetune")
+    parsed = _recipe_flags(argv, finetune, "lmforge.finetune")
+    if parsed is None:
         return
-    config_path, output, resume, rest = _run_flags(argv)
-    if output is None:
-        raise LmforgeError("finetune needs --output RUN_DIR")
+    config_path, output, resume, rest = parsed
     from lmforge.finetune import load_config, run_finetuning
 
     results = run_finetuning(load_config(config_path, rest), output, resume=resume)
@@ -265,6 +259,18 @@ def transfer_curve(argv: list[str]) -> None:
 
     learning_curve(rest, budgets, starts, seeds or [0], output)
     print((Path(output) / "curve.md").read_text(encoding="utf-8"))
+
+
+def _recipe_flags(argv: list[str], command: Callable[..., Any], module: str) -> tuple[str | None, str, bool, list[str]] | None:
+    """Help (None), or (--config, --output, --resume, other flags) of a recipe command."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(command.__doc__)
+        _print_sections(module)
+        return None
+    config_path, output, resume, rest = _run_flags(argv)
+    if output is None:
+        raise LmforgeError(f"{command.__name__} needs --output RUN_DIR")
+    return config_path, output, resume, rest
 
 
 def _print_sections(module: str) -> None:
