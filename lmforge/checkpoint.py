@@ -36,9 +36,11 @@ def save_model(
 
 
 def write_model_files(
-    model: nn.Module, folder: Path, tokenizer: Tokenizer | None = None, extra: dict[str, Any] | None = None
+    model: nn.Module, folder: Path, tokenizer: Tokenizer | None = None, extra: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
 ) -> None:
-    """The files of a model folder, written into an existing (temporary) folder."""
+    """The files of a model folder, written into an existing (temporary) folder; ``state``
+    replaces ``model.state_dict()`` (the gathered weights of a sharded model)."""
     kind = type(model).__name__
     if kind not in MODEL_CLASSES:
         raise TypeError(f"cannot save {kind}; expected one of {', '.join(MODEL_CLASSES)}")
@@ -46,7 +48,7 @@ def write_model_files(
               **(extra or {})}
     if getattr(model, "peft_config", None):  # load_model re-applies the method, then loads its tensors
         config["peft"] = model.peft_config
-    save_tensors(dict(model.state_dict()), folder / "model.safetensors", metadata={"format": "pt"})
+    save_tensors(dict(model.state_dict()) if state is None else state, folder / "model.safetensors", metadata={"format": "pt"})
     write_json(folder / "config.json", config)
     if tokenizer is not None:
         tokenizer.save(folder)

@@ -31,6 +31,8 @@ def generate(
     stop: list[str] | None = None,
     seed: int | None = None,
     threads: int | None = None,
+    device: str = "auto",
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto",
 ) -> str:
     """Generate text from a decoder, streaming tokens to the terminal.
 
@@ -48,6 +50,8 @@ def generate(
         stop: stop strings; generation ends when one appears.
         seed: random seed for sampling.
         threads: CPU threads for torch (default: torch's choice).
+        device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.
+        precision: auto (bf16 only where this machine runs it faster), bf16, fp16 (GPU) or fp32.
     """
     from lmforge.checkpoint import load_pretrained
     from lmforge.generation import GenerationConfig, generate_tokens
@@ -55,6 +59,9 @@ def generate(
 
     if threads:
         torch.set_num_threads(threads)
+    from lmforge.hardware import resolve_device, resolve_precision
+
+    chosen = resolve_device(device)
     loaded, tokenizer = load_pretrained(model)
     if not isinstance(loaded, Decoder):
         raise LmforgeError(f"{model}: holds a {type(loaded).__name__}; generation needs a decoder (GPT-2/Llama)")
@@ -70,7 +77,9 @@ def generate(
         top_p=top_p, repetition_penalty=repetition_penalty, stop_token_ids=stop_ids,
         stop_strings=list(stop or []), seed=seed,
     )
-    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=not chat)])
+    loaded.to(chosen)
+    autocast = resolve_precision(precision, chosen).autocast(chosen)
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=not chat)], device=chosen)
     out = sys.stdout
     if not chat:
         out.write(prompt)
@@ -78,7 +87,12 @@ def generate(
     generated: list[int] = []
     shown = ""
     start = time.perf_counter()
-    for token in generate_tokens(loaded, ids, config, tokenizer=tokenizer, pad_id=stop_ids[0] if stop_ids else 0):
+    tokens = generate_tokens(loaded, ids, config, tokenizer=tokenizer, pad_id=stop_ids[0] if stop_ids else 0)
+    while True:
+        with autocast:
+            token = next(tokens, None)
+        if token is None:
+            break
         value = int(token[0])
         if value in stop_ids:
             break
@@ -299,13 +313,17 @@ def _run_flags(argv: list[str]) -> tuple[str | None, str | None, bool, list[str]
             index += 2
         elif arg == "--resume":
             resume, index = True, index + 1
+        elif arg in ("--device", "--precision", "--strategy") and index + 1 < len(argv):
+            rest += [f"--train.{arg[2:]}", argv[index + 1]]  # every command takes --device / --precision
+            index += 2
         else:
             rest.append(arg)
             index += 1
     return config_path, output, resume, rest
 
 
-def evaluate(model: str, data: list[str], format: str | None = None, batch_size: int = 64, json: bool = False) -> None:
+def evaluate(model: str, data: list[str], format: str | None = None, batch_size: int = 64, json: bool = False,
+             device: str = "auto", precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto") -> None:
     """Evaluate a fine-tuned model on labeled data.
 
     Args:
@@ -314,12 +332,14 @@ def evaluate(model: str, data: list[str], format: str | None = None, batch_size:
         format: jsonl, csv, tsv, parquet, conll or squad (default: from the file suffix).
         batch_size: examples per forward pass.
         json: print the metrics as one JSON object on the last line.
+        device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.
+        precision: auto (bf16 only where this machine runs it faster), bf16, fp16 (GPU) or fp32.
     """
     import json as json_module
 
     from lmforge.finetune import evaluate_model
 
-    metrics = evaluate_model(model, data, format, batch_size, progress=not json)
+    metrics = evaluate_model(model, data, format, batch_size, progress=not json, device=device, precision=precision)
     if json:
         print(json_module.dumps(metrics))
         return
@@ -328,7 +348,8 @@ def evaluate(model: str, data: list[str], format: str | None = None, batch_size:
         print(f"{key:{width}}  {value:.4f}")
 
 
-def predict(model: str, data: list[str], output: str, format: str | None = None, batch_size: int = 64) -> None:
+def predict(model: str, data: list[str], output: str, format: str | None = None, batch_size: int = 64,
+            device: str = "auto", precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto") -> None:
     """Predict with a fine-tuned model; writes one JSON line per example (with probabilities).
 
     Args:
@@ -337,10 +358,12 @@ def predict(model: str, data: list[str], output: str, format: str | None = None,
         output: the predictions file (JSONL), replaced atomically.
         format: jsonl, csv, tsv, parquet, conll or squad (default: from the file suffix).
         batch_size: examples per forward pass.
+        device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.
+        precision: auto (bf16 only where this machine runs it faster), bf16, fp16 (GPU) or fp32.
     """
     from lmforge.finetune import predict_file
 
-    count = predict_file(model, data, output, format, batch_size)
+    count = predict_file(model, data, output, format, batch_size, device=device, precision=precision)
     print(f"{count} predictions -> {output}")
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from lmforge.config import load_run_config, to_yaml
 from lmforge.errors import ConfigError, CorruptFileError
 from lmforge.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json
+from lmforge.hardware import module_device, resolve_device, resolve_precision
 from lmforge.models import MaskedLM
 from lmforge.objectives.base import Objective
 from lmforge.peft import AdaLoraController, PeftSection, apply_peft, save_adapter
@@ -130,7 +131,8 @@ class FinetuneSection:
 
 SECTIONS: dict[str, type] = {"finetune": FinetuneSection, "train": TrainConfig, "transfer": TransferSection,
                              "peft": PeftSection}
-FLAT_ALIASES = {"--train": "--finetune.train", "--validation": "--finetune.validation", "--test": "--finetune.test"}
+FLAT_ALIASES = {"--train": "--finetune.train", "--validation": "--finetune.validation", "--test": "--finetune.test",
+                "--device": "--train.device", "--precision": "--train.precision"}
 DEFAULTS: dict[str, dict[str, Any]] = {"train": {"lr": 5e-5, "batch_size": 32, "log_every": 10}}
 
 
@@ -191,8 +193,8 @@ def load_backbone(path: str) -> tuple[nn.Module, Tokenizer]:
     return model, tokenizer
 
 
-def load_task_model(folder: str | Path) -> tuple[Task, Objective]:
-    """A fine-tuned model (its folder, or a run folder holding model/) ready to evaluate."""
+def load_task_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Task, Objective]:
+    """A fine-tuned model (its folder, or a run folder holding model/) ready to evaluate on ``device``."""
     from lmforge.checkpoint import load_model, load_tokenizer
 
     folder = Path(folder)
@@ -212,7 +214,7 @@ def load_task_model(folder: str | Path) -> tuple[Task, Objective]:
         from lmforge.interop.hf import load_into
 
         load_into(head, load_tensors(folder / "head.safetensors"), str(folder / "head.safetensors"))
-    return task, objective.eval()
+    return task, objective.to(resolve_device(device)).eval()
 
 
 # ---------------------------------------------------------------------- the run
@@ -248,12 +250,17 @@ def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = Fa
     section: FinetuneSection = config["finetune"]
     train: TrainConfig = config["train"]
     run_dir = Path(output)
-    dist = setup_distributed()
+    if train.strategy == "fsdp" and section.task == "generate":
+        raise ConfigError(["train.strategy=fsdp does not run generation during evaluation yet: use ddp for "
+                           "the generate task"])
+    dist = setup_distributed(train.device)
+    device = dist.device
+    precision = resolve_precision(train.precision, device)
     torch.manual_seed(train.seed)
     model, tokenizer = load_backbone(section.model)
     task = make_task(section.spec(getattr(model.config, "max_position_embeddings", None)), tokenizer)
     splits = read_splits(section, task, train.seed)
-    objective = task.objective(model)
+    objective = task.objective(model).to(device)
     objective.train()
 
     updates: dict[str, Any] = {}
@@ -281,14 +288,15 @@ def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = Fa
         train = replace(train, batch_size=micro * dist.world_size * train.accumulation(dist.world_size),
                         micro_batch_size=micro)
     loader = BucketedLoader(splits.features["train"], micro, pad, train.seed, dist.rank, dist.world_size)
-    autocast = torch.bfloat16 if train.precision == "bf16" else None
+    autocast = precision.dtype
 
     def evaluate(split: str, final: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
         return task.evaluate(objective, splits.examples[split], splits.features[split], section.eval_batch_size,
                              autocast=autocast, progress=progress and final, final=final)
 
     results: dict[str, Any] = {"task": section.task, "model": section.model, "train_examples": len(splits.examples["train"]),
-                               "labels": task.spec.labels, "main_metric": task.main_metric}
+                               "labels": task.spec.labels, "main_metric": task.main_metric, "device": str(device),
+                               "precision": precision.name, "precision_reason": precision.reason}
     if section.eval_before and "validation" in splits.examples:
         results["before"] = evaluate("validation", final=True)[0]
         objective.train()
@@ -305,7 +313,7 @@ def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = Fa
     results["parameters"].update(trainable_parameters(objective))
     trainer = Trainer(objective, loader, train, run_dir, None, tokenizer, run_config, dist, progress,
                       evaluator=evaluator, anchor=anchor, hooks=hooks)
-    if resume:
+    if resume or dist.restarted:
         trainer.resume()
     started, first_step = time.perf_counter(), trainer.step
     trainer.fit()
@@ -316,7 +324,7 @@ def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = Fa
     if not dist.is_main:
         return results
     best = export_task_model(run_dir, objective, task)
-    task, objective = load_task_model(best)
+    task, objective = load_task_model(best, device)
     if peft.method != "none":
         adapter = save_adapter(objective.model, best / "adapter", {"task": task.spec.to_dict()})
         results["adapter_bytes"] = sum(f.stat().st_size for f in adapter.glob("adapter.*"))
@@ -351,7 +359,7 @@ def _anchor(config: dict[str, Any], objective: Objective, run_dir: Path, batch_s
                                "task's model folder) and transfer.source_data (its data)"])
         from lmforge.data.loader import BucketedLoader
 
-        source_task, fisher_objective = load_task_model(transfer.source_model)
+        source_task, fisher_objective = load_task_model(transfer.source_model, module_device(objective))
         examples = source_task.read(transfer.source_data, "train")
         features = source_task.encode_all(examples)
         pad = source_task.tokenizer.pad_id if source_task.tokenizer.pad_id is not None else 0
@@ -370,7 +378,7 @@ def export_task_model(run_dir: Path, objective: Objective, task: Task) -> Path:
             if item.name == "objective.safetensors":
                 heads = {k[len("head."):]: v for k, v in load_tensors(item).items() if k.startswith("head.")}
                 save_tensors(heads, tmp / "head.safetensors")
-            elif item.name != "trainer_state.pt":
+            elif item.is_file() and item.name != "trainer_state.pt":
                 shutil.copy2(item, tmp / item.name)
         write_json(tmp / "task.json", task.spec.to_dict())
     return run_dir / "model"
@@ -406,20 +414,24 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
 
 # ---------------------------------------------------------------------- evaluate / predict
 def evaluate_model(model: str | Path, data: list[str], fmt: str | None = None, batch_size: int = 64,
-                   progress: bool = True) -> dict[str, float]:
-    task, objective = load_task_model(model)
+                   progress: bool = True, device: str = "auto", precision: str = "auto") -> dict[str, float]:
+    chosen = resolve_device(device)
+    task, objective = load_task_model(model, chosen)
     examples = task.read(data, "test", fmt=fmt)
     features = task.encode_all(examples)
-    metrics, _ = task.evaluate(objective, examples, features, batch_size, progress=progress, final=True)
+    metrics, _ = task.evaluate(objective, examples, features, batch_size, progress=progress, final=True,
+                               autocast=resolve_precision(precision, chosen).dtype)
     return metrics
 
 
 def predict_file(model: str | Path, data: list[str], output: str | Path, fmt: str | None = None,
-                 batch_size: int = 64, progress: bool = True) -> int:
-    task, objective = load_task_model(model)
+                 batch_size: int = 64, progress: bool = True, device: str = "auto", precision: str = "auto") -> int:
+    chosen = resolve_device(device)
+    task, objective = load_task_model(model, chosen)
     examples = task.read(data, "test", labeled=False, fmt=fmt)
     features = task.encode_all(examples, labeled=False)
-    _, predictions = task.evaluate(objective, examples, features, batch_size, labeled=False, progress=progress)
+    _, predictions = task.evaluate(objective, examples, features, batch_size, labeled=False, progress=progress,
+                                   autocast=resolve_precision(precision, chosen).dtype)
     write_predictions(task, examples, predictions, Path(output))
     return len(predictions)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.hardware import module_device
 from lmforge.models import Decoder
 from lmforge.tokenizer import Tokenizer
 
@@ -122,8 +123,8 @@ def generate_tokens(
         mask[:, :T] = attention_mask
     sequence = torch.empty(B, total, dtype=torch.long, device=input_ids.device)
     sequence[:, :T] = input_ids
-    stop_ids = torch.tensor(sorted(set(config.stop_token_ids)), dtype=torch.long)
-    done = torch.zeros(B, dtype=torch.bool)
+    stop_ids = torch.tensor(sorted(set(config.stop_token_ids)), dtype=torch.long, device=input_ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     generated: list[list[int]] = [[] for _ in range(B)]
 
     hidden = model(input_ids, mask[:, :T] if mask is not None else None, cache=cache)
@@ -174,7 +175,8 @@ def generate(
     stop_ids = set(config.stop_token_ids)
     outputs: list[list[int]] = [[] for _ in encoded]
     finished = [False] * len(encoded)
-    for token in generate_tokens(model, ids, config, mask, tokenizer, pad_id=pad):
+    device = module_device(model)
+    for token in generate_tokens(model, ids.to(device), config, mask.to(device), tokenizer, pad_id=pad):
         for row, value in enumerate(token.tolist()):
             if finished[row]:
                 continue

@@ -221,7 +221,7 @@ def run_pretraining(
 ) -> tuple[Trainer, dict[str, float]]:
     """Run (or resume) a pretraining job; returns the trainer and its last evaluation."""
     run_dir = Path(output)
-    dist = setup_distributed()
+    dist = setup_distributed(config["train"].device)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
@@ -239,7 +239,7 @@ def run_pretraining(
     anchor = _anchor(config, objective, run_dir, tokenizer, dist)
     trainer = Trainer(objective, loader, train, run_dir, evaluation, tokenizer, run_config, dist, progress, on_eval,
                       anchor=anchor)
-    if resume:
+    if resume or dist.restarted:  # torchrun restarted the group after a failure: continue
         trainer.resume()
     final = trainer.fit()
     if dist.is_main:
@@ -279,7 +279,7 @@ def export_final_model(run_dir: Path) -> Path:
     source = checkpoints / read_json(pointer)["path"]
     with atomic_directory(run_dir / "model") as tmp:
         for item in source.iterdir():
-            if item.name not in ("trainer_state.pt", "objective.safetensors"):
+            if item.is_file() and item.name not in ("trainer_state.pt", "objective.safetensors"):
                 shutil.copy2(item, tmp / item.name)
     return run_dir / "model"
 

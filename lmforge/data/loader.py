@@ -31,13 +31,25 @@ class _Resumable:
     epoch: int = 0
     batch: int = 0
 
+    batch_size: int
+    world_size: int = 1
+
     def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch, "batch": self.batch}
+        return {"seed": self.seed, "epoch": self.epoch, "batch": self.batch,
+                "global_batch": self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where ``state`` stopped, also when it was saved by another number of
+        ranks: the position is kept in rows of the epoch (global batches are slices of one
+        epoch order, so the rows that follow are the same)."""
         if state.get("seed", self.seed) != self.seed:
             raise DataError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        own = self.batch_size * self.world_size
+        rows = int(state["batch"]) * int(state.get("global_batch", own))
+        if rows % own:
+            raise DataError(f"the checkpoint stopped after {rows} rows of the epoch, which is not a whole number of "
+                            f"this run's global batches of {own}: keep the global batch size when resuming")
+        self.epoch, self.batch = int(state["epoch"]), rows // own
 
     def __len__(self) -> int:
         return self.batches_per_epoch

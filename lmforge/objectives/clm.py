@@ -42,7 +42,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             correct += ((logits.argmax(-1) == t) & valid).sum()
             if needs_hidden or needs_weight:
                 probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
-                probs[torch.arange(len(t)), safe] -= 1.0
+                probs[torch.arange(len(t), device=t.device), safe] -= 1.0
                 probs *= valid[:, None]
                 grad_logits = probs.to(compute_dtype)
                 if needs_hidden:

@@ -54,8 +54,8 @@ def _rows_random(shape: torch.Size, generators: Sequence[torch.Generator], draw:
     """Random (B, T) values, row b drawn from generators[b] (so a row's masks do not depend
     on which other rows share its batch)."""
     if draw == "rand":
-        return torch.stack([torch.rand(shape[1], generator=g) for g in generators])
-    return torch.stack([torch.randint(high, (shape[1],), generator=g) for g in generators])
+        return torch.stack([torch.rand(shape[1], generator=g, device=g.device) for g in generators])
+    return torch.stack([torch.randint(high, (shape[1],), generator=g, device=g.device) for g in generators])
 
 
 def mask_tokens(
@@ -75,7 +75,7 @@ def mask_tokens(
     generators = [generator] * input_ids.shape[0] if isinstance(generator, torch.Generator) else list(generator)
     if len(generators) != input_ids.shape[0]:
         raise ValueError(f"{len(generators)} generators for {input_ids.shape[0]} rows")
-    special = torch.tensor(sorted(set(special_ids)), dtype=input_ids.dtype)
+    special = torch.tensor(sorted(set(special_ids)), dtype=input_ids.dtype, device=input_ids.device)
     candidates = ~torch.isin(input_ids, special)
     draw = _rows_random(input_ids.shape, generators, "rand")
     if config.whole_word:

@@ -61,7 +61,7 @@ class AdaLoraController:
                                                             alpha=1 - self.beta2)
             if self.orth_reg and layer.lora_A.grad is not None:
                 q, p = layer.lora_A, layer.lora_B  # Q: (r, in), P: (out, r)
-                eye = torch.eye(q.shape[0], dtype=q.dtype)
+                eye = torch.eye(q.shape[0], dtype=q.dtype, device=q.device)
                 layer.lora_A.grad.add_(4 * (q @ q.T - eye) @ q, alpha=self.orth_reg / count)
                 layer.lora_B.grad.add_(4 * p @ (p.T @ p - eye), alpha=self.orth_reg / count)
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError, CorruptFileError
 from lmforge.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json
+from lmforge.hardware import module_device
 from lmforge.models import Decoder, MaskedLM
 from lmforge.peft.layers import AdaLoraLinear, AdapterLinear, IA3Linear, LoraLinear
 from lmforge.peft.prompts import PrefixTuning, SoftPrompt
@@ -129,6 +130,7 @@ def apply_peft(model: nn.Module, section: PeftSection) -> dict[str, Any]:
     if section.method == "none":
         return {"method": "none"}
     backbone = backbone_of(model)
+    device = module_device(model)  # adapters are made on the CPU (same init everywhere), then moved here
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     targets = section.targets or default_targets(section.method, model)
@@ -170,6 +172,7 @@ def apply_peft(model: nn.Module, section: PeftSection) -> dict[str, Any]:
     for name, parameter in backbone.named_parameters():
         if any(mark in name for mark in ADAPTER_MARKS):
             parameter.requires_grad_(True)
+    model.to(device)
     model.peft_config = section.to_dict()  # type: ignore[assignment]
     return {"method": section.method, "targets": chosen, **count_parameters(model)}
 

@@ -18,7 +18,6 @@ whole set are ever held.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from lmforge.data.loader import BucketedLoader
 from lmforge.data.sources import read_examples
 from lmforge.errors import DataError
+from lmforge.hardware import autocast_context, module_device, to_device
 from lmforge.models import Decoder, Encoder
 from lmforge.objectives.base import Objective, ObjectiveOutput, Prepared
 from lmforge.tokenizer import Tokenizer
@@ -195,13 +195,15 @@ class Task:
         assert isinstance(objective, TaskObjective)
         pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         loader = BucketedLoader(features, batch_size, pad_id, shuffle=False)
+        device = module_device(objective)
         merged: list[dict[str, Any] | None] = [None] * len(examples)
         loss_sum, count = 0.0, 0
         for batch in tqdm(loader, total=len(loader.epoch_batches(0)), disable=not progress, desc="evaluate",
                           unit="batch", leave=False):
             chosen = [features[int(i)] for i in batch["index"]]
-            with autocast_context(autocast):
-                scores = self.scores(objective, batch)
+            batch = to_device(batch, device)
+            with autocast_context(autocast, device):
+                scores = objective(batch, scores_only=True)  # through forward: sharded weights are gathered
                 if labeled:
                     batch_loss, _ = self.loss(scores, batch)
                     loss_sum += float(batch_loss)
@@ -229,13 +231,13 @@ class TaskObjective(Objective):
     def prepare(self, batch: dict[str, torch.Tensor], generators: Sequence[torch.Generator]) -> Prepared:
         return batch, {"task": self.task.count(batch)}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:  # type: ignore[override]
-        loss, correct = self.task.loss(self.task.scores(self, batch), batch)
+    def forward(self, batch: dict[str, torch.Tensor], scores_only: bool = False) -> Any:  # type: ignore[override]
+        """The loss terms; with ``scores_only`` the task's raw scores (evaluation, prediction)."""
+        scores = self.task.scores(self, batch)
+        if scores_only:
+            return scores
+        loss, correct = self.task.loss(scores, batch)
         return ObjectiveOutput({"task": loss}, {"task_correct": correct})
-
-
-def autocast_context(dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------- shared pieces
@@ -255,13 +257,13 @@ def pool(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | 
         return hidden[:, 0]
     if how == "pooler":
         return model.pool(hidden)  # type: ignore[operator]
-    mask = attention_mask if attention_mask is not None else torch.ones(hidden.shape[:2], dtype=torch.long)
+    mask = attention_mask if attention_mask is not None else torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
     if how == "mean":
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
     if how == "last":
         last = mask.sum(1).long() - 1  # right padding
-        return hidden[torch.arange(hidden.shape[0]), last]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     raise ValueError(f"unknown pooling {how!r} (cls, pooler, mean, last, auto)")
 
 

@@ -103,7 +103,7 @@ class ClassifyTask(Task):
             hits = ((scores > self._logit_threshold()) == (labels > 0.5)).all(1)
             return loss, float(hits.sum())
         weights = self.options.get("class_weight_values")
-        weight = torch.tensor(weights, dtype=scores.dtype) if weights else None
+        weight = torch.tensor(weights, dtype=scores.dtype, device=scores.device) if weights else None
         loss = F.cross_entropy(scores, labels, weight=weight, reduction="sum")  # sum of weight[y] * CE
         return loss, float((scores.argmax(-1) == labels).sum())
 

@@ -31,7 +31,8 @@ from lmforge.generation import GenerationConfig, generate
 from lmforge.models import Decoder
 from lmforge.objectives import CausalLMObjective
 from lmforge.objectives.base import Objective
-from lmforge.tasks.base import Task, autocast_context
+from lmforge.hardware import autocast_context, module_device, to_device
+from lmforge.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +155,11 @@ class GenerateTask(Task):
         if labeled:
             pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
             loss, count, correct = 0.0, 0, 0.0
+            device = module_device(objective)
             for batch in BucketedLoader(features, batch_size, pad, shuffle=False):
                 prepared, counts = objective.prepare(batch, [])
-                with autocast_context(autocast):
+                prepared = to_device(prepared, device)
+                with autocast_context(autocast, device):
                     out = objective(prepared)
                 loss += float(out.loss_sums["clm"])
                 correct += out.stats.get("clm_correct", 0.0)

@@ -98,7 +98,7 @@ class RelationTask(ClassifyTask):
 
     def scores(self, objective: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = hidden_states(objective.model, batch)
-        rows = torch.arange(hidden.shape[0])
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
         pair = torch.cat([hidden[rows, batch["e1"]], hidden[rows, batch["e2"]]], -1)  # (B, 2H)
         return objective.head(pair).float()
 

@@ -3,8 +3,10 @@
     RUN_DIR/checkpoints/step-0000100/
         model.safetensors, config.json, tokenizer.json ...   (an lmforge model folder)
         objective.safetensors       extra heads of the objective (e.g. the SOP head)
-        trainer_state.pt            optimizer, step, RNG state, loader state, run config;
-                                    plain tensors and numbers, read with weights_only=True
+        optimizer/                  optimizer state by parameter name (torch.distributed.checkpoint:
+                                    written by any number of ranks, read by any number)
+        trainer_state.pt            step, RNG state, loader state; plain tensors and numbers,
+                                    read with weights_only=True
     RUN_DIR/checkpoints/latest.json -> {"step": 100, "path": "step-0000100"}
     RUN_DIR/checkpoints/best.json   -> the best evaluation so far
 
@@ -15,6 +17,7 @@ complete and pointed to.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ from lmforge.errors import CorruptFileError
 from lmforge.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json
 from lmforge.objectives.base import Objective
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.dist import Distributed
+from lmforge.train.strategy import Strategy
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -41,18 +46,40 @@ def save_checkpoint(
     tokenizer: Tokenizer | None,
     run_config: dict[str, Any],
     keep_last: int = 2,
+    strategy: Strategy | None = None,
 ) -> Path:
-    """Write checkpoint ``step``, point latest.json at it, prune old ones (never the best)."""
+    """Write checkpoint ``step``, point latest.json at it, prune old ones (never the best).
+
+    Every rank calls it under torchrun: the optimizer state goes through
+    torch.distributed.checkpoint (each rank writes its part), the full weights through
+    rank 0, which then renames the staged folder into place."""
+    strategy = strategy or Strategy("single", Distributed(), torch.device("cpu"))
+    dist = strategy.dist
     folder = checkpoint_dir(run_dir) / f"step-{step:07d}"
-    with atomic_directory(folder) as tmp:
-        write_model_files(objective.model, tmp, tokenizer, {"run_config": run_config})
-        model_keys = {f"model.{k}" for k in objective.model.state_dict()}
-        extra = {k: v for k, v in objective.state_dict().items() if k not in model_keys}
-        if extra:
-            save_tensors(extra, tmp / "objective.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, **state}, tmp / "trainer_state.pt")
-    write_json(checkpoint_dir(run_dir) / "latest.json", {"step": step, "path": folder.name})
-    prune(run_dir, keep_last)
+    staging = checkpoint_dir(run_dir) / f".step-{step:07d}.staging"
+    full_state = strategy.model_state(objective)  # collective when sharded
+    if dist.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    try:
+        strategy.save_optimizer(objective, optimizer, staging / "optimizer")
+        dist.barrier()
+        if dist.is_main:
+            with atomic_directory(folder) as tmp:
+                model_state = {k[len("model."):]: v for k, v in full_state.items() if k.startswith("model.")}
+                write_model_files(objective.model, tmp, tokenizer, {"run_config": run_config}, state=model_state)
+                extra = {k: v for k, v in full_state.items() if not k.startswith("model.")}
+                if extra:
+                    save_tensors(extra, tmp / "objective.safetensors")
+                torch.save({"step": step, **state}, tmp / "trainer_state.pt")
+                os.replace(staging / "optimizer", tmp / "optimizer")
+            write_json(checkpoint_dir(run_dir) / "latest.json", {"step": step, "path": folder.name})
+            prune(run_dir, keep_last)
+    finally:
+        if dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
     return folder
 
 
@@ -80,13 +107,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return folder
 
 
-def load_checkpoint(folder: Path, objective: Objective, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, extra heads and optimizer in place; return the trainer state."""
-    from lmforge.interop.hf import load_into
+def load_checkpoint(folder: Path, objective: Objective, optimizer: torch.optim.Optimizer,
+                    strategy: Strategy | None = None) -> dict[str, Any]:
+    """Restore model, extra heads and optimizer in place (every rank, any world size);
+    return the trainer state."""
+    from lmforge.interop.hf import check_state
 
-    load_into(objective.model, load_tensors(folder / "model.safetensors"), str(folder))
+    strategy = strategy or Strategy("single", Distributed(), torch.device("cpu"))
+    tensors = load_tensors(folder / "model.safetensors")
+    expected = {k[len("model."):]: v for k, v in objective.state_dict().items() if k.startswith("model.")}
+    check_state(expected, tensors, str(folder))
+    full = {f"model.{k}": v for k, v in tensors.items()}
     if (folder / "objective.safetensors").exists():
-        objective.load_state_dict(load_tensors(folder / "objective.safetensors"), strict=False)
+        full.update(load_tensors(folder / "objective.safetensors"))
+    strategy.load_model_state(objective, full)
     state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state.pop("optimizer"))
+    if "optimizer" in state:  # written before optimizer state moved to torch.distributed.checkpoint
+        optimizer.load_state_dict(state.pop("optimizer"))
+    else:
+        strategy.load_optimizer(objective, optimizer, folder / "optimizer")
     return state
+

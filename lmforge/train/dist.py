@@ -1,4 +1,4 @@
-"""torchrun support: one process per device, gloo on CPU, nccl on GPU; rank 0 writes."""
+"""torchrun support: one process per device, gloo on CPU, nccl on GPU; rank 0 writes files."""
 
 from __future__ import annotations
 
@@ -35,15 +35,24 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
+    @property
+    def restarted(self) -> bool:
+        """Whether torchrun restarted this worker group after a failure (elastic runs resume then)."""
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
-def setup_distributed() -> Distributed:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+
+def setup_distributed(device: str = "auto") -> Distributed:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): one GPU per
+    process (nccl) when ``device`` resolves to CUDA, else CPU processes (gloo)."""
+    from lmforge.hardware import resolve_device
+
+    chosen = resolve_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return Distributed(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return Distributed(device=chosen)
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if torch.cuda.is_available():
+    if chosen.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         backend = "nccl"

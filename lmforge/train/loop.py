@@ -29,12 +29,22 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge.errors import ConfigError
+from lmforge.hardware import (
+    Precision,
+    autocast_context,
+    matmul_peak,
+    module_device,
+    resolve_device,
+    resolve_precision,
+    to_device,
+)
 from lmforge.objectives.base import Objective
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, mark_best, save_checkpoint
 from lmforge.train.dist import Distributed
 from lmforge.train.optim import build_optimizer, schedule_factor
-from lmforge.train.tracking import RunLogger, measure_matmul_peak
+from lmforge.train.strategy import Strategy
+from lmforge.train.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +72,9 @@ class TrainConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     clip_norm: float | None = 1.0
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: measured per machine (lmforge.hardware)
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps; torchrun: each rank its local GPU
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"  # auto: ddp under torchrun, else single
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 20
     save_every: int = 0  # 0: save only at the end
@@ -145,13 +157,15 @@ def evaluate_objective(
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     correct: dict[str, float] = {}
-    context = torch.autocast(dist.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    device = module_device(objective)
+    context = autocast_context(autocast_dtype, device)
     for index, batch in enumerate(batches):
         if index >= max_batches:
             break
         rows = batch["input_ids"].shape[0]
         generators = [torch.Generator().manual_seed(step_seed(seed, -1, index * rows + r)) for r in range(rows)]
         batch, batch_counts = objective.prepare(batch, generators)
+        batch = to_device(batch, device)
         with context:
             out = objective(batch)
         for key, value in out.loss_sums.items():
@@ -211,15 +225,18 @@ class Trainer:
         self.evals_without_improvement = 0
         self.stop_requested = False
         torch.manual_seed(config.seed)
+        self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
+        self.precision: Precision = resolve_precision(config.precision, self.device)
+        self.strategy = Strategy(config.strategy, self.dist, self.device)
+        if self.strategy.sharded and (anchor is not None or self.hooks):
+            raise ConfigError(["strategy=fsdp does not combine with transfer regularizers (L2-SP/EWC/frozen "
+                               "layers) or AdaLoRA yet: use strategy ddp"], where="train")
+        self.module: nn.Module = self.strategy.setup(objective)  # before the optimizer: FSDP replaces parameters
         self.optimizer = build_optimizer(objective, config.lr, config.weight_decay, config.beta1, config.beta2,
                                          config.eps, config.layer_lr_decay)
-        self.module: nn.Module = objective
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.module = DistributedDataParallel(objective, find_unused_parameters=True)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_scaler else None
         self.logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
-        self.autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
+        self.autocast_dtype = self.precision.dtype
 
     # ------------------------------------------------------------------ state
     def resume(self) -> bool:
@@ -227,7 +244,9 @@ class Trainer:
         folder = latest_checkpoint(self.run_dir)
         if folder is None:
             return False
-        state = load_checkpoint(folder, self.objective, self.optimizer)
+        state = load_checkpoint(folder, self.objective, self.optimizer, self.strategy)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.best = state.get("best")
         self.evals_without_improvement = int(state.get("evals_without_improvement", 0))
@@ -240,20 +259,18 @@ class Trainer:
             tqdm.write(f"resumed from {folder} at step {self.step}")
         return True
 
-    def save(self) -> Path | None:
-        if not self.dist.is_main:
-            return None
+    def save(self) -> Path:
+        """Write a checkpoint (every rank calls this: sharded state is gathered collectively)."""
         state = {"loader": self.loader.state_dict(), "torch_rng": torch.get_rng_state(), "best": self.best,
                  "evals_without_improvement": self.evals_without_improvement,
-                 "hooks": [h.state_dict() if hasattr(h, "state_dict") else {} for h in self.hooks]}
+                 "hooks": [h.state_dict() if hasattr(h, "state_dict") else {} for h in self.hooks],
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
         return save_checkpoint(self.run_dir, self.step, self.objective, self.optimizer, state, self.tokenizer,
-                               self.run_config, self.config.keep_last)
+                               self.run_config, self.config.keep_last, self.strategy)
 
     # ------------------------------------------------------------------ steps
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
+        return self.precision.autocast(self.device)
 
     def _generators(self, step: int, first_row: int, rows: int) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(step_seed(self.config.seed, step, first_row + r)) for r in range(rows)]
@@ -275,7 +292,7 @@ class Trainer:
             rows = loaded["input_ids"].shape[0]
             first = (self.dist.rank * self.accumulation + micro) * rows  # global row of this micro-batch
             batch, counts = self.objective.prepare(loaded, self._generators(self.step, first, rows))
-            prepared.append(batch)
+            prepared.append(to_device(batch, self.device))
             for key, value in counts.items():
                 totals[key] = totals.get(key, 0) + value
         keys = sorted(totals)
@@ -285,19 +302,20 @@ class Trainer:
         stats: dict[str, float] = {}
         tokens = 0
         for index, batch in enumerate(prepared):
-            sync = index == len(prepared) - 1 or not self.dist.enabled
-            context = contextlib.nullcontext() if sync else self.module.no_sync()  # type: ignore[operator]
-            with context:
+            with self.strategy.gradient_sync(self.module, sync=index == len(prepared) - 1):
                 with self._autocast():
                     out = self.module(batch)
                 loss = sum(out.loss_sums[k] / max(global_counts[k], 1.0) for k in out.loss_sums)
-                (loss * self.dist.world_size).backward()  # DDP averages gradients over ranks
+                loss = loss * self.dist.world_size  # DDP and FSDP average gradients over ranks
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             for key, value in out.loss_sums.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             for key, value in out.stats.items():
                 stats[key] = stats.get(key, 0.0) + value
             tokens += self.objective.tokens_in(batch)
         extra: dict[str, float] = {}
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # true gradients for the regularizers, hooks and clipping
         if self.anchor is not None:  # once per step, after all micro-batches: exact under accumulation
             self.anchor.add_gradients()
             extra["regularizer"] = self.anchor.value()
@@ -306,8 +324,12 @@ class Trainer:
                 hook.before_step(self.step)
         grad_norm = float("nan")
         if self.config.clip_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.clip_norm))
-        self.optimizer.step()
+            grad_norm = self.strategy.clip_grad_norm(self.objective.parameters(), self.config.clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         for hook in self.hooks:
@@ -347,7 +369,15 @@ class Trainer:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 signal.signal(sig, request_stop)
         flops_per_token = self.objective.flops_per_token()
-        peak = measure_matmul_peak(self.autocast_dtype or torch.float32) if self.dist.is_main else 1.0
+        peak = matmul_peak(self.autocast_dtype or torch.float32, self.device.type) if self.dist.is_main else 1.0
+        if self.dist.is_main:
+            if self.progress:
+                tqdm.write(f"device {self.device}, precision {self.precision.name} ({self.precision.reason}), "
+                           f"strategy {self.strategy.name} x{self.dist.world_size}")
+            self.logger.log(self.step, "setup", {"device": str(self.device), "precision": self.precision.name,
+                                                 "precision_reason": self.precision.reason,
+                                                 "strategy": self.strategy.name, "world_size": self.dist.world_size,
+                                                 "peak_flops": peak})
         start_time = time.perf_counter()
         batches = iter(self.loader)
         bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)

@@ -1,4 +1,4 @@
-"""Run tracking: metrics.jsonl, TensorBoard events, matmul peak for MFU, and the report.
+"""Run tracking: metrics.jsonl, TensorBoard events, and the report.
 
 Every logged record is one JSON line in ``RUN_DIR/metrics.jsonl`` ({"step", "split",
 ...metrics}) and the same scalars in TensorBoard (``RUN_DIR/tensorboard``).
@@ -48,22 +48,6 @@ class RunLogger:
             self.handle.close()
             if self.writer is not None:
                 self.writer.close()
-
-
-def measure_matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 0.3, trials: int = 3) -> float:
-    """Dense matmul FLOP/s on this machine in ``dtype`` (the MFU denominator): the best of a
-    few short trials, so a moment of other load does not inflate every MFU figure."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = 0.0
-    for _ in range(trials):
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            a @ b
-            count += 1
-        best = max(best, 2 * size**3 * count / (time.perf_counter() - start))
-    return best
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -93,7 +93,7 @@ def test_loss_falls_and_run_folder_is_complete(zh_tokenizer: Tokenizer, zh_shard
     from lmforge.train.tracking import report
 
     config = TrainConfig(steps=60, batch_size=16, lr=2e-3, warmup_steps=5, eval_every=30, eval_batches=4, log_every=5,
-                         precision="bf16")
+                         precision="auto")
     loader = make_loader(zh_shards, zh_tokenizer, 16)
     evaluation = lambda: iter(PackedLoader(zh_shards, 64, 16, seed=99, shuffle=False,  # noqa: E731
                                            cls_id=zh_tokenizer.token_id("[CLS]"), sep_id=zh_tokenizer.token_id("[SEP]")))
