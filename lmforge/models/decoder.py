@@ -219,15 +219,17 @@ class Decoder(nn.Module):
     def new_cache(
         self, batch_size: int, max_length: int, dtype: torch.dtype | None = None
     ) -> KVCache:
-        """An empty KV cache sized for ``max_length`` total positions."""
+        """An empty KV cache sized for ``max_length`` token positions (plus the soft prompt
+        of prompt tuning, which the cache holds too)."""
         assert self.config.head_dim is not None and self.config.num_kv_heads is not None
         weight = self.embed_tokens.weight
+        prompt = self.prompt.length if self.prompt is not None else 0  # type: ignore[union-attr]
         return KVCache(
             self.config.num_layers,
             batch_size,
             self.config.num_kv_heads,
             self.config.head_dim,
-            max_length,
+            max_length + prompt,
             dtype=dtype or weight.dtype,
             device=weight.device,
         )

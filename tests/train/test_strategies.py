@@ -104,3 +104,30 @@ def test_sharded_checkpoints_resume_on_another_world_size(zh_tokenizer: Tokenize
     second, resumed = _two_ranks(tmp_path / "one-then-two", zh_shards, tmp_path / "tok", "fsdp", 4, 4, resume=True)
     assert max(abs(a - b) for a, b in zip(first + second, straight_losses, strict=True)) < 1e-5
     _assert_same(straight, resumed)
+
+
+def test_elastic_run_survives_a_killed_worker(zh_tokenizer: Tokenizer, zh_shards: TokenShards, tmp_path: Path) -> None:
+    """torchrun --nnodes 1:2 --max-restarts 1: rank 1 is killed after step 3; the restarted
+    group resumes from the step-2 checkpoint and ends with the uninterrupted run's weights."""
+    import subprocess
+    import sys
+
+    (tmp_path / "tok").mkdir()
+    zh_tokenizer.save(tmp_path / "tok")
+    folder = tmp_path / "elastic"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc_per_node", "2",
+               "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+               "--rdzv-conf", "last_call_timeout=1", "-m", "tests.train.elastic_worker", "--folder", str(folder),
+               "--shards", str(zh_shards.folder), "--tokenizer", str(tmp_path / "tok"), "--steps", "6",
+               "--kill-at", "3"]
+    done = subprocess.run(command, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (folder / "resumed-at-2").exists()  # the group really died and came back
+    elastic = torch.load(folder / "params.pt", weights_only=True)
+    trainer = Trainer(make_objective(zh_tokenizer), make_loader(zh_shards, zh_tokenizer, MICRO),
+                      TrainConfig(steps=6, batch_size=BATCH, micro_batch_size=MICRO, lr=1e-3, warmup_steps=1,
+                                  precision="fp32", eps=1e-6, log_every=1), tmp_path / "straight",
+                      tokenizer=zh_tokenizer, progress=False)
+    trainer.fit()
+    _assert_same({k: v.detach() for k, v in trainer.objective.state_dict().items()}, elastic)

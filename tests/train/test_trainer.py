@@ -192,3 +192,17 @@ def test_early_stopping_keeps_best_and_last_k(zh_tokenizer: Tokenizer, zh_shards
     assert folders == ["step-0000002", "step-0000004", "step-0000005"]  # best + last 2
     best = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
     assert best["step"] == 2 and best["value"] == 4.0
+
+
+def test_training_records_the_precision_it_chose(zh_tokenizer: Tokenizer, zh_shards: TokenShards, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge import hardware
+
+    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: 0.05)  # as on an AVX2-only CPU
+    config = TrainConfig(steps=2, batch_size=8, log_every=1)  # precision: auto, device: auto
+    trainer = Trainer(make_objective(zh_tokenizer), make_loader(zh_shards, zh_tokenizer, 8), config, tmp_path / "run",
+                      tokenizer=zh_tokenizer, progress=False)
+    trainer.fit()
+    setup = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert setup["split"] == "setup" and setup["precision"] == "fp32" and "0.05x" in setup["precision_reason"]
+    assert trainer.autocast_dtype is None and setup["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
