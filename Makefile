@@ -6,7 +6,7 @@ PIP     = $(VENV)/bin/pip
 # GPU machines: set TORCH_SPEC to the CUDA build of the same version (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench gpu-check clean
 
 $(VENV)/.installed: requirements.txt requirements-data.txt pyproject.toml scripts/install-data.sh
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/models.py
+
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -260,7 +260,8 @@ class Decoder(nn.Module):
                 x = torch.cat([self.prompt(x.shape[0]).to(x.dtype), x], dim=1)
                 prompt = size
                 if position_ids is not None:
-                    position_ids = torch.cat([torch.arange(size, device=x.device).expand(x.shape[0], size), position_ids + size], 1)
+                    prompt_positions = torch.arange(size, device=x.device).expand(x.shape[0], size)
+                    position_ids = torch.cat([prompt_positions, position_ids + size], 1)
         if prompt and document_ids is not None:
             raise ValueError("prompt tuning does not combine with packed document masks")
         B, T = x.shape[:2]

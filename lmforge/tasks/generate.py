@@ -28,10 +28,10 @@ from lmforge.data.loader import IGNORE_INDEX, BucketedLoader
 from lmforge.errors import DataError
 from lmforge.eval import metrics as M
 from lmforge.generation import GenerationConfig, generate
+from lmforge.hardware import autocast_context, module_device, to_device
 from lmforge.models import Decoder
 from lmforge.objectives import CausalLMObjective
 from lmforge.objectives.base import Objective
-from lmforge.hardware import autocast_context, module_device, to_device
 from lmforge.tasks.base import Task
 
 log = logging.getLogger(__name__)

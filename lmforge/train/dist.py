@@ -59,5 +59,16 @@ def setup_distributed(device: str = "auto") -> Distributed:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps one store across restarts: keys of the failed attempt (the old
+            # workers' addresses) would be read by the new group, so each attempt gets its own prefix
+            from datetime import timedelta
+
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=False, timeout=timedelta(minutes=10))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"lmforge/attempt-{attempt}", store),
+                                    rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return Distributed(rank, world_size, device)

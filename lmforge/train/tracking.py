@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 class RunLogger:
     """Appends metrics to metrics.jsonl and TensorBoard; a no-op on non-main ranks."""
