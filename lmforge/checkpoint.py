@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from lmforge.errors import CorruptFileError
+from lmforge.errors import CorruptFileError, WeightsError
 from lmforge.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json
 from lmforge.models import Decoder, Encoder, MaskedLM, config_from_dict
 from lmforge.tokenizer import Tokenizer
@@ -90,8 +90,18 @@ def load_tokenizer(folder: Path) -> Tokenizer | None:
 
 
 def load_pretrained(path: str | Path, with_mlm_head: bool | None = None) -> tuple[nn.Module, Tokenizer | None]:
-    """Model and tokenizer from an lmforge folder, a Hugging Face folder or a GGUF file."""
-    path = Path(path)
+    """Model and tokenizer from an lmforge folder, a Hugging Face folder or a GGUF file;
+    a tokenizer with more tokens than the model has embeddings is refused here, not at
+    the first out-of-range id."""
+    model, tokenizer = _load_pretrained(Path(path), with_mlm_head)
+    vocabulary = getattr(getattr(model, "config", None), "vocab_size", None)
+    if tokenizer is not None and vocabulary is not None and tokenizer.vocab_size > vocabulary:
+        raise WeightsError(f"{path}: the tokenizer has {tokenizer.vocab_size:,} tokens but the model has embeddings "
+                           f"for {vocabulary:,}: they do not belong together (use the model's own tokenizer)")
+    return model, tokenizer
+
+
+def _load_pretrained(path: Path, with_mlm_head: bool | None) -> tuple[nn.Module, Tokenizer | None]:
     if path.is_file():
         from lmforge.interop.gguf import load_gguf
 

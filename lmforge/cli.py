@@ -54,7 +54,7 @@ def generate(
         precision: auto (bf16 only where this machine runs it faster), bf16, fp16 (GPU) or fp32.
     """
     from lmforge.checkpoint import load_pretrained
-    from lmforge.generation import GenerationConfig, generate_tokens
+    from lmforge.generation import GenerationConfig, check_length, generate_tokens
     from lmforge.models import Decoder
 
     if threads:
@@ -80,6 +80,7 @@ def generate(
     loaded.to(chosen)
     autocast = resolve_precision(precision, chosen).autocast(chosen)
     ids = torch.tensor([tokenizer.encode(text, add_special_tokens=not chat)], device=chosen)
+    check_length(loaded, ids.shape[1], max_new_tokens)
     out = sys.stdout
     if not chat:
         out.write(prompt)
@@ -205,10 +206,10 @@ def pretrain(argv: list[str]) -> None:
     parsed = _recipe_flags(argv, pretrain, "lmforge.pretrain")
     if parsed is None:
         return
-    config_path, output, resume, rest = parsed
+    config_path, output, resume, overwrite, rest = parsed
     from lmforge.pretrain import load_config, run_pretraining
 
-    run_pretraining(load_config(config_path, rest), output, resume=resume)
+    run_pretraining(load_config(config_path, rest), output, resume=resume, overwrite=overwrite)
 
 
 def finetune(argv: list[str]) -> None:
@@ -223,10 +224,10 @@ def finetune(argv: list[str]) -> None:
     parsed = _recipe_flags(argv, finetune, "lmforge.finetune")
     if parsed is None:
         return
-    config_path, output, resume, rest = parsed
+    config_path, output, resume, overwrite, rest = parsed
     from lmforge.finetune import load_config, run_finetuning
 
-    results = run_finetuning(load_config(config_path, rest), output, resume=resume)
+    results = run_finetuning(load_config(config_path, rest), output, resume=resume, overwrite=overwrite)
     for split in ("before", "validation", "test"):
         if split in results:
             print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in results[split].items()))
@@ -275,16 +276,17 @@ def transfer_curve(argv: list[str]) -> None:
     print((Path(output) / "curve.md").read_text(encoding="utf-8"))
 
 
-def _recipe_flags(argv: list[str], command: Callable[..., Any], module: str) -> tuple[str | None, str, bool, list[str]] | None:
-    """Help (None), or (--config, --output, --resume, other flags) of a recipe command."""
+def _recipe_flags(argv: list[str], command: Callable[..., Any], module: str
+                  ) -> tuple[str | None, str, bool, bool, list[str]] | None:
+    """Help (None), or (--config, --output, --resume, --overwrite, other flags) of a recipe command."""
     if not argv or argv[0] in ("-h", "--help"):
         print(command.__doc__)
         _print_sections(module)
         return None
-    config_path, output, resume, rest = _run_flags(argv)
+    config_path, output, resume, overwrite, rest = _run_flags(argv)
     if output is None:
         raise LmforgeError(f"{command.__name__} needs --output RUN_DIR")
-    return config_path, output, resume, rest
+    return config_path, output, resume, overwrite, rest
 
 
 def _print_sections(module: str) -> None:
@@ -297,9 +299,9 @@ def _print_sections(module: str) -> None:
         print(f"  {name}: {fields}")
 
 
-def _run_flags(argv: list[str]) -> tuple[str | None, str | None, bool, list[str]]:
-    """(--config, --output, --resume) and the remaining flags."""
-    config_path, output, resume, rest = None, None, False, []
+def _run_flags(argv: list[str]) -> tuple[str | None, str | None, bool, bool, list[str]]:
+    """(--config, --output, --resume, --overwrite) and the remaining flags."""
+    config_path, output, resume, overwrite, rest = None, None, False, False, []
     index = 0
     while index < len(argv):
         arg = argv[index]
@@ -313,13 +315,15 @@ def _run_flags(argv: list[str]) -> tuple[str | None, str | None, bool, list[str]
             index += 2
         elif arg == "--resume":
             resume, index = True, index + 1
+        elif arg == "--overwrite":
+            overwrite, index = True, index + 1
         elif arg in ("--device", "--precision", "--strategy") and index + 1 < len(argv):
             rest += [f"--train.{arg[2:]}", argv[index + 1]]  # every command takes --device / --precision
             index += 2
         else:
             rest.append(arg)
             index += 1
-    return config_path, output, resume, rest
+    return config_path, output, resume, overwrite, rest
 
 
 def evaluate(model: str, data: list[str], format: str | None = None, batch_size: int = 64, json: bool = False,
@@ -458,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["finetune"]:
             finetune(argv[1:])
             return 0
+        if argv[:1] == ["report"] and len(argv) == 2 and not argv[1].startswith("-"):
+            argv = ["report", "--run", argv[1]]  # `lmforge report RUN`
         if argv[:2] == ["pipeline", "run"] and len(argv) == 3 and not argv[2].startswith("-"):
             argv = [*argv[:2], "--file", argv[2]]  # `lmforge pipeline run FILE`
         if argv[:2] == ["transfer", "curve"]:
@@ -467,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     except LmforgeError as error:
         print(f"lmforge: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lmforge: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"lmforge: {interrupt or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 

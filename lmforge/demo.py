@@ -49,7 +49,8 @@ def main() -> None:
     from lmforge.pretrain import fill_mask, load_config, run_pretraining
 
     run = Path(args.output)
-    for stale in ("checkpoints", "metrics.jsonl", "tensorboard", "model", "transfer"):  # tokenizer, shards: reused
+    stale_parts = ("config.yaml", "checkpoints", "metrics.jsonl", "tensorboard", "model", "transfer", "results.json")
+    for stale in stale_parts:  # tokenizer, shards: reused
         target = run / stale
         if target.is_dir():
             shutil.rmtree(target)

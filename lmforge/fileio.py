@@ -54,6 +54,14 @@ def write_json(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write text through a temporary file and a rename (an old file survives a failure)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:

@@ -17,6 +17,7 @@ file and line and leaves an existing run folder as it was. Run folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import resource
@@ -31,11 +32,12 @@ from torch import nn
 
 from lmforge.config import load_run_config, to_yaml
 from lmforge.errors import ConfigError, CorruptFileError
-from lmforge.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json
+from lmforge.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json, write_text
 from lmforge.hardware import module_device, resolve_device, resolve_precision
 from lmforge.models import MaskedLM
 from lmforge.objectives.base import Objective
 from lmforge.peft import AdaLoraController, PeftSection, apply_peft, save_adapter
+from lmforge.runs import claim_run_folder
 from lmforge.tasks import TASKS, Task, TaskSpec, make_task
 from lmforge.tasks.base import steps_for_epochs
 from lmforge.tokenizer import Tokenizer
@@ -176,6 +178,11 @@ def load_config(path: str | Path | None, arguments: list[str] | None = None) -> 
     overrides = flat_to_sections(arguments or [])
     given = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path and Path(path).exists() else {}
     user_steps = any(o.startswith("--train.steps") for o in overrides) or "steps" in ((given or {}).get("train") or {})
+    user_epochs = any(o.startswith("--finetune.epochs") for o in overrides) or \
+        (given or {}).get("finetune", {}).get("epochs") is not None
+    if user_steps and user_epochs:
+        raise ConfigError(["--epochs and --train.steps both set the length of training: give one of them"],
+                          where="command line")
     defaults = {**DEFAULTS, "finetune": {} if user_steps else {"epochs": 3.0}}
     return load_run_config(SECTIONS, path, overrides, defaults=defaults)
 
@@ -243,13 +250,22 @@ def read_splits(section: FinetuneSection, task: Task, seed: int = 0) -> Splits:
     return Splits(examples, features)
 
 
-def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = False, progress: bool = True
-                   ) -> dict[str, Any]:
+def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = False, progress: bool = True,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune, keep the best checkpoint by the task metric, evaluate it on validation
-    and test; returns results.json's content."""
+    and test; returns results.json's content. The run folder is claimed (lock; refused when
+    it holds another run unless ``resume`` or ``overwrite``) only after every input has been
+    read and checked, so a failing run leaves it as it was."""
+    with contextlib.ExitStack() as stack:
+        def claim(dist: Any) -> None:
+            stack.enter_context(claim_run_folder(output, resume, overwrite, dist.is_main, dist.restarted))
+
+        return _finetune(config, Path(output), resume, progress, claim)
+
+
+def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: bool, claim: Any) -> dict[str, Any]:
     section: FinetuneSection = config["finetune"]
     train: TrainConfig = config["train"]
-    run_dir = Path(output)
     if train.strategy == "fsdp" and section.task == "generate":
         raise ConfigError(["train.strategy=fsdp does not run generation during evaluation yet: use ddp for "
                            "the generate task"])
@@ -276,9 +292,7 @@ def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = Fa
         train = replace(train, warmup_steps=train.steps // 10)
     config = {**config, "train": train}
 
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+    claim(dist)
     from lmforge.data.loader import BucketedLoader
 
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -315,6 +329,8 @@ def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = Fa
                       evaluator=evaluator, anchor=anchor, hooks=hooks)
     if resume or dist.restarted:
         trainer.resume()
+    if dist.is_main:
+        write_text(run_dir / "config.yaml", to_yaml(config))
     started, first_step = time.perf_counter(), trainer.step
     trainer.fit()
     results["seconds_per_step"] = (time.perf_counter() - started) / max(trainer.step - first_step, 1)
@@ -426,6 +442,13 @@ def evaluate_model(model: str | Path, data: list[str], fmt: str | None = None, b
 
 def predict_file(model: str | Path, data: list[str], output: str | Path, fmt: str | None = None,
                  batch_size: int = 64, progress: bool = True, device: str = "auto", precision: str = "auto") -> int:
+    from glob import glob
+
+    inputs = {Path(match).resolve() for item in data if not item.startswith("corpus:")
+              for match in (glob(item) or [item])}
+    if Path(output).resolve() in inputs:
+        raise ConfigError([f"output={output} is also an input: predictions never replace the data they came from; "
+                           "choose another output file"])
     chosen = resolve_device(device)
     task, objective = load_task_model(model, chosen)
     examples = task.read(data, "test", labeled=False, fmt=fmt)

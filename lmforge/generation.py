@@ -88,6 +88,18 @@ def next_token(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+def check_length(model: Decoder, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse (at once, before any compute) an empty prompt, or a prompt + ``max_new_tokens``
+    beyond the positions the model was trained on (learned or rotary)."""
+    limit = model.config.max_position_embeddings
+    if prompt_tokens == 0:
+        raise ConfigError(["the prompt is empty: give at least one token of text"], where="generation")
+    if prompt_tokens + max_new_tokens > limit:
+        room = f"lower max_new_tokens to {limit - prompt_tokens}" if prompt_tokens < limit else "shorten the prompt"
+        raise ConfigError([f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                           f"model's {limit} positions: {room}"], where="generation")
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: Decoder,
@@ -106,11 +118,7 @@ def generate_tokens(
         raise ValueError("stop_strings need a tokenizer")
     B, T = input_ids.shape
     total = T + config.max_new_tokens
-    if total > model.config.max_position_embeddings and model.config.position == "learned":
-        raise ValueError(
-            f"prompt ({T}) + max_new_tokens ({config.max_new_tokens}) exceeds the model's "
-            f"{model.config.max_position_embeddings} positions"
-        )
+    check_length(model, T, config.max_new_tokens)
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)

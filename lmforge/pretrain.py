@@ -26,9 +26,11 @@ from lmforge.data import document_source
 from lmforge.data.loader import PackedLoader, SentencePairLoader
 from lmforge.data.shards import Document, TokenShards, prepare_shards
 from lmforge.errors import ConfigError
+from lmforge.fileio import write_text
 from lmforge.models import Decoder, DecoderConfig, Encoder, MaskedLM, preset
 from lmforge.objectives import CausalLMObjective, MaskedLMObjective, MaskingConfig
 from lmforge.objectives.base import Objective
+from lmforge.runs import claim_run_folder
 from lmforge.tokenizer import Tokenizer, train_bpe, train_wordpiece
 from lmforge.train import TrainConfig, Trainer
 from lmforge.train.dist import Distributed, setup_distributed
@@ -218,13 +220,19 @@ def run_pretraining(
     resume: bool = False,
     progress: bool = True,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    overwrite: bool = False,
 ) -> tuple[Trainer, dict[str, float]]:
-    """Run (or resume) a pretraining job; returns the trainer and its last evaluation."""
+    """Run (or resume) a pretraining job; returns the trainer and its last evaluation. The
+    run folder is claimed first (lmforge.runs); config.yaml is written once the run has
+    resumed, so a refused resume leaves it as it was."""
     run_dir = Path(output)
     dist = setup_distributed(config["train"].device)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+    with claim_run_folder(run_dir, resume, overwrite, dist.is_main, dist.restarted):
+        return _pretrain(config, run_dir, dist, resume, progress, on_eval)
+
+
+def _pretrain(config: dict[str, Any], run_dir: Path, dist: Distributed, resume: bool, progress: bool,
+              on_eval: Callable[[int, dict[str, float]], None] | None) -> tuple[Trainer, dict[str, float]]:
     torch.manual_seed(config["train"].seed)
     tokenizer, train_shards, validation_shards = prepare_data(config, run_dir, dist, progress)
     train = config["train"]
@@ -241,6 +249,8 @@ def run_pretraining(
                       anchor=anchor)
     if resume or dist.restarted:  # torchrun restarted the group after a failure: continue
         trainer.resume()
+    if dist.is_main:
+        write_text(run_dir / "config.yaml", to_yaml(config))
     final = trainer.fit()
     if dist.is_main:
         export_final_model(run_dir)

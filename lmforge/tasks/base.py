@@ -168,10 +168,14 @@ class Task:
         raise NotImplementedError
 
     def record(self, example: dict[str, Any], prediction: dict[str, Any]) -> dict[str, Any]:
-        """One line of predictions.jsonl: the example's input fields plus the prediction."""
-        keep = {k: v for k, v in example.items() if not k.startswith("_") and k not in self.label_fields()
-                and v is not None}
-        return {**keep, **prediction}
+        """One line of predictions.jsonl: the example's fields, gold labels included, then the
+        prediction in fields of its own (``prediction``, ``probabilities``, ``predicted_tags``
+        ...): nothing of the input is ever written over."""
+        record = {k: v for k, v in example.items() if not k.startswith("_") and v is not None}
+        for key, value in prediction.items():
+            name = PREDICTION_FIELDS.get(key, key)
+            record[name if name not in record else f"predicted_{key}"] = value
+        return record
 
     def plots(self, examples: Sequence[dict[str, Any]], predictions: Sequence[dict[str, Any]], folder: Path,
               name: str) -> list[Path]:
@@ -217,6 +221,9 @@ class Task:
         metrics = self.metrics(examples, predictions)
         metrics["loss"] = loss_sum / max(count, 1)
         return metrics, predictions
+
+
+PREDICTION_FIELDS = {"label": "prediction", "labels": "prediction", "value": "prediction"}
 
 
 class TaskObjective(Objective):

@@ -189,7 +189,3 @@ class GenerateTask(Task):
             texts.extend(t.strip() for t in generate(model, self.tokenizer, prompts, config))
         model.use_training_layout()  # generation re-laid the weights out for decoding; training may follow
         return texts
-
-    def record(self, example: dict[str, Any], prediction: dict[str, Any]) -> dict[str, Any]:
-        keep = {k: v for k, v in example.items() if not k.startswith("_") and k != "target"}
-        return {**keep, **prediction}

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.hardware import (
     Precision,
     autocast_context,
@@ -47,6 +47,11 @@ from lmforge.train.strategy import Strategy
 from lmforge.train.tracking import RunLogger
 
 log = logging.getLogger(__name__)
+
+
+class DivergenceError(LmforgeError):
+    """The loss or the gradients became non-finite: the run stopped before that step changed
+    any weight, and the last checkpoint (all finite) stays the one to resume or use."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -86,6 +91,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     max_minutes: float | None = None  # stop (and save) after this much wall time
+    skip_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient to skip before stopping the run
 
     def __post_init__(self) -> None:
         problems = []
@@ -94,13 +100,15 @@ class TrainConfig:
                 problems.append(f"{name}={getattr(self, name)}: must be >= 1")
         if self.micro_batch_size is not None and (self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size):
             problems.append(f"micro_batch_size={self.micro_batch_size}: must divide batch_size={self.batch_size}")
-        if self.lr <= 0:
-            problems.append(f"lr={self.lr}: must be > 0")
+        if not math.isfinite(self.lr) or not 0 < self.lr <= 1:
+            problems.append(f"lr={self.lr}: must be a number in (0, 1] (AdamW learning rates are around 1e-5..1e-2)")
+        if self.skip_nonfinite_steps < 0:
+            problems.append(f"skip_nonfinite_steps={self.skip_nonfinite_steps}: must be >= 0")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             problems.append(f"warmup_steps={self.warmup_steps}: must be in [0, steps={self.steps}]")
         if not 0 < self.layer_lr_decay <= 1:
             problems.append(f"layer_lr_decay={self.layer_lr_decay}: must be in (0, 1]")
-        if self.clip_norm is not None and self.clip_norm <= 0:
+        if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             problems.append(f"clip_norm={self.clip_norm}: must be > 0 (or null to disable)")
         if problems:
             raise ConfigError(problems, where="train")
@@ -223,6 +231,7 @@ class Trainer:
         self.step = 0
         self.best: float | None = None
         self.evals_without_improvement = 0
+        self.nonfinite_steps = 0
         self.stop_requested = False
         torch.manual_seed(config.seed)
         self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
@@ -322,9 +331,11 @@ class Trainer:
         for hook in self.hooks:
             if hasattr(hook, "before_step"):
                 hook.before_step(self.step)
-        grad_norm = float("nan")
-        if self.config.clip_norm is not None:
-            grad_norm = self.strategy.clip_grad_norm(self.objective.parameters(), self.config.clip_norm)
+        max_norm = self.config.clip_norm if self.config.clip_norm is not None else float("inf")
+        grad_norm = self.strategy.clip_grad_norm(self.objective.parameters(), max_norm)
+        loss_total = sum(sums.values())
+        if self.scaler is None and not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+            return self._skip_nonfinite_step(loss_total, grad_norm, lr)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
             self.scaler.update()
@@ -339,6 +350,25 @@ class Trainer:
                 extra.update(hook.metrics())
         metrics, (total_tokens,) = term_metrics(self.dist, sums, stats, global_counts, extra=[float(tokens)])
         return {"lr": lr, "grad_norm": grad_norm, "tokens": total_tokens, **metrics, **extra}
+
+    def _skip_nonfinite_step(self, loss: float, grad_norm: float, lr: float) -> dict[str, float]:
+        """Drop this step's gradients (no weight changes); stop the run once more steps than
+        ``skip_nonfinite_steps`` went bad."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        step = self.step + 1
+        if self.nonfinite_steps > self.config.skip_nonfinite_steps:
+            last = latest_checkpoint(self.run_dir) if self.dist.is_main else None
+            kept = f"the last checkpoint, {last}, holds finite weights" if last else "no checkpoint was written yet"
+            raise DivergenceError(
+                f"training diverged at step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g} (lr {lr:.3g}); the "
+                f"step was not applied and {kept}. Lower --train.lr, or skip a few bad steps with "
+                f"--train.skip_nonfinite_steps N")
+        if self.dist.is_main:
+            tqdm.write(f"step {step}: non-finite loss ({loss:.4g}) or gradient norm ({grad_norm:.4g}); step skipped "
+                       f"({self.nonfinite_steps} of {self.config.skip_nonfinite_steps} allowed)")
+        self.step = step
+        return {"lr": lr, "grad_norm": grad_norm, "tokens": 0.0, "loss": loss, "skipped": 1.0}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -434,7 +464,8 @@ class Trainer:
         if self.dist.is_main:
             tqdm.write(f"stopped at step {self.step} ({reason}); run folder: {self.run_dir}")
         if reason == "signal":
-            raise TrainingInterrupted(f"interrupted at step {self.step}; the checkpoint in {self.run_dir} resumes it")
+            raise TrainingInterrupted(f"interrupted at step {self.step}; the checkpoint in {self.run_dir} resumes it: "
+                                      f"run the same command again with --resume")
         return last_eval
 
     def _improved(self, value: float) -> bool:

@@ -33,8 +33,8 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"step": step, "split": split, "time": round(time.time(), 3),
-                  **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
-        self.handle.write(json.dumps(record) + "\n")
+                  **{k: _json_number(v) for k, v in metrics.items()}}
+        self.handle.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: NaN/inf become null
         self.handle.flush()
         if self.writer is not None:
             for key, value in metrics.items():
@@ -46,6 +46,12 @@ class RunLogger:
             self.handle.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    return value
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -70,7 +76,7 @@ def report(run_dir: str | Path) -> Path:
     figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     for axis, key in zip(axes[0], keys, strict=True):
         for split, style in (("train", "-"), ("eval", "o-")):
-            points = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
+            points = [(r["step"], r[key]) for r in records if r["split"] == split and r.get(key) is not None]
             if points:
                 steps, values = zip(*points, strict=True)
                 axis.plot(steps, values, style, label=split, markersize=3)
@@ -87,7 +93,8 @@ def report(run_dir: str | Path) -> Path:
     evals = [r for r in records if r["split"] == "eval"]
     lines = ["| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for record in evals:
-        lines.append(f"| {record['step']} | " + " | ".join(f"{record.get(k, float('nan')):.4g}" for k in keys) + " |")
+        cells = [f"{record[k]:.4g}" if record.get(k) is not None else "" for k in keys]
+        lines.append(f"| {record['step']} | " + " | ".join(cells) + " |")
     (Path(run_dir) / "report.md").write_text(f"# Run {Path(run_dir).name}\n\n![curves](curves.png)\n\n"
                                             + "\n".join(lines) + "\n")
     return out

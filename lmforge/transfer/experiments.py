@@ -76,7 +76,7 @@ def learning_curve(
             arguments = [*finetune_args, "--model", model, "--train.seed", str(seed)]
             if budget is not None:
                 arguments += ["--limit", str(budget)]
-            run_finetuning(load_config(None, arguments), run_dir, resume=True, progress=False)
+            run_finetuning(load_config(None, arguments), run_dir, resume="auto", progress=False)
         results = read_json(run_dir / "results.json")
         split = "test" if "test" in results else "validation"
         runs.append({"start": name, "budget": label, "labels": results["train_examples"], "seed": seed,

@@ -154,9 +154,9 @@ def run_pipeline(path: str | Path, progress: bool = True) -> list[dict[str, Any]
             recipe = pretrain_recipe if stage.kind == "pretrain" else finetune_recipe
             config = recipe.load_config(config_path, _arguments(settings))
             if stage.kind == "pretrain":
-                pretrain_recipe.run_pretraining(config, folder, resume=True, progress=progress)
+                pretrain_recipe.run_pretraining(config, folder, resume="auto", progress=progress)
             else:
-                finetune_recipe.run_finetuning(config, folder, resume=True, progress=progress)
+                finetune_recipe.run_finetuning(config, folder, resume="auto", progress=progress)
             write_json(folder / "stage.json", {"fingerprint": digest, "complete": True, "settings": settings})
             action = "resumed" if resumed else "ran"
         models[stage.name] = str(model)

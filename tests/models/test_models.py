@@ -68,13 +68,14 @@ def _tiny_tokenizer() -> Tokenizer:
 
 @pytest.mark.parametrize("kind", ["encoder", "mlm", "llama", "gpt2"])
 def test_checkpoint_round_trip(tmp_path: Path, kind: str) -> None:
-    if kind == "encoder":
-        model = Encoder(preset("bert-tiny", vocab_size=40))  # type: ignore[arg-type]
-    elif kind == "mlm":
-        model = MaskedLM(preset("bert-tiny", vocab_size=40))  # type: ignore[arg-type]
-    else:
-        model = Decoder(preset(f"{kind}-tiny", vocab_size=40, tie_embeddings=kind == "gpt2"))  # type: ignore[arg-type]
     tokenizer = _tiny_tokenizer()
+    vocab = tokenizer.vocab_size
+    if kind == "encoder":
+        model = Encoder(preset("bert-tiny", vocab_size=vocab))  # type: ignore[arg-type]
+    elif kind == "mlm":
+        model = MaskedLM(preset("bert-tiny", vocab_size=vocab))  # type: ignore[arg-type]
+    else:
+        model = Decoder(preset(f"{kind}-tiny", vocab_size=vocab, tie_embeddings=kind == "gpt2"))  # type: ignore[arg-type]
     save_model(model, tmp_path / "ckpt", tokenizer)
     again = load_model(tmp_path / "ckpt")
     assert type(again) is type(model) and again.config == model.config
@@ -84,6 +85,14 @@ def test_checkpoint_round_trip(tmp_path: Path, kind: str) -> None:
     assert loaded_tokenizer is not None
     assert loaded_tokenizer.encode("the cat") == tokenizer.encode("the cat")
     assert loaded_tokenizer.chat_template == tokenizer.chat_template
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_refused_at_load(tmp_path: Path) -> None:
+    from lmforge.errors import WeightsError
+
+    save_model(Decoder(preset("llama-tiny", vocab_size=40)), tmp_path / "ckpt", _tiny_tokenizer())  # type: ignore[arg-type]
+    with pytest.raises(WeightsError, match="the tokenizer has 283 tokens but the model has embeddings for 40"):
+        load_pretrained(tmp_path / "ckpt")
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path: Path) -> None:

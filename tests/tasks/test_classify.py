@@ -49,7 +49,8 @@ def test_reload_gives_identical_predictions(sentiment_run: tuple[Path, Path, dic
     assert predict_file(folder / "run" / "model", [str(validation)], tmp_path / "p.jsonl", progress=False) == 100
     again = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     saved = [json.loads(line) for line in (folder / "run" / "predictions-test.jsonl").read_text().splitlines()]
-    assert [a["label"] for a in again] == [s["label"] for s in saved]
+    assert [a["prediction"] for a in again] == [s["prediction"] for s in saved]
+    assert all(s["label"] in ("neg", "pos") for s in saved)  # the gold label is kept, never overwritten
     for a, s in zip(again, saved, strict=True):
         assert a["probabilities"] == pytest.approx(s["probabilities"], abs=2e-2)  # bf16 eval in the run, fp32 here
     metrics = evaluate_model(folder / "run", [str(validation)], progress=False)

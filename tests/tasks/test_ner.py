@@ -107,4 +107,5 @@ def test_ner_learns_entities(tiny_encoder_dir: Path, tmp_path: Path) -> None:
     import json
 
     first = json.loads((tmp_path / "run" / "predictions-validation.jsonl").read_text().splitlines()[0])
-    assert {"tokens", "tags", "entities"} <= set(first) and len(first["tags"]) == len(first["tokens"])
+    assert {"tokens", "tags", "predicted_tags", "entities"} <= set(first)  # gold tags kept beside the prediction
+    assert len(first["predicted_tags"]) == len(first["tokens"])

@@ -24,7 +24,7 @@ def test_every_config_problem_in_one_error() -> None:
                      "--data.seq_len", "x", "--bogus.key", "1"])
     message = str(caught.value)
     for fragment in ("unknown section 'bogus'", "data.seq_len='x': must be an integer", "train.stepz: unknown key",
-                     "lr=-1.0: must be > 0", "hidden_size=100 is not divisible by num_heads=3"):
+                     "lr=-1.0: must be a number in (0, 1]", "hidden_size=100 is not divisible by num_heads=3"):
         assert fragment in message
     assert "5 problem(s)" in message
 
