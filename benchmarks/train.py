@@ -145,9 +145,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_side(args.child, args.warmup, args.steps)))
         return
-    from lmforge.hardware import cpu_bf16_speedup, describe_machine
+    from lmforge.hardware import describe_machine, resolve_precision
 
-    native_bf16 = cpu_bf16_speedup() >= 1.15
+    native_bf16 = resolve_precision("auto", "cpu").name == "bf16"
     sides = []
     for task in ("mlm", "clm"):
         sides += [f"{task}:transformers:fp32", *([f"{task}:transformers:bf16"] if native_bf16 else []),

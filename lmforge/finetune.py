@@ -21,8 +21,8 @@ import contextlib
 import json
 import random
 import resource
-import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +32,7 @@ from torch import nn
 
 from lmforge.config import load_run_config, to_yaml
 from lmforge.errors import ConfigError, CorruptFileError
-from lmforge.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json, write_text
+from lmforge.fileio import load_tensors, read_json, save_tensors, write_json, write_text
 from lmforge.hardware import module_device, resolve_device, resolve_precision
 from lmforge.models import MaskedLM
 from lmforge.objectives.base import Objective
@@ -42,7 +42,8 @@ from lmforge.tasks import TASKS, Task, TaskSpec, make_task
 from lmforge.tasks.base import steps_for_epochs
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import TrainConfig, Trainer
-from lmforge.train.dist import setup_distributed
+from lmforge.train.checkpoint import export_model
+from lmforge.train.dist import Distributed, setup_distributed
 from lmforge.transfer.regularizers import TransferSection, build_anchor
 
 TaskName = Literal["classify", "ner", "relation", "qa", "pair-score", "generate"]
@@ -257,13 +258,14 @@ def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = Fa
     it holds another run unless ``resume`` or ``overwrite``) only after every input has been
     read and checked, so a failing run leaves it as it was."""
     with contextlib.ExitStack() as stack:
-        def claim(dist: Any) -> None:
+        def claim(dist: Distributed) -> None:
             stack.enter_context(claim_run_folder(output, resume, overwrite, dist.is_main, dist.restarted))
 
         return _finetune(config, Path(output), resume, progress, claim)
 
 
-def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: bool, claim: Any) -> dict[str, Any]:
+def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: bool,
+              claim: Callable[[Distributed], None]) -> dict[str, Any]:
     section: FinetuneSection = config["finetune"]
     train: TrainConfig = config["train"]
     if train.strategy == "fsdp" and section.task == "generate":
@@ -339,7 +341,7 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
         results["adalora_ranks"] = hooks[0].ranks()
     if not dist.is_main:
         return results
-    best = export_task_model(run_dir, objective, task)
+    best = export_task_model(run_dir, task)
     task, objective = load_task_model(best, device)
     if peft.method != "none":
         adapter = save_adapter(objective.model, best / "adapter", {"task": task.spec.to_dict()})
@@ -384,20 +386,17 @@ def _anchor(config: dict[str, Any], objective: Objective, run_dir: Path, batch_s
     return build_anchor(transfer, objective, batches, run_dir / "anchor.safetensors", fisher_objective)
 
 
-def export_task_model(run_dir: Path, objective: Objective, task: Task) -> Path:
+def export_task_model(run_dir: Path, task: Task) -> Path:
     """RUN/model from the best (else the latest) checkpoint: backbone + head + task.json."""
-    checkpoints = run_dir / "checkpoints"
-    pointer = checkpoints / ("best.json" if (checkpoints / "best.json").exists() else "latest.json")
-    source = checkpoints / read_json(pointer)["path"]
-    with atomic_directory(run_dir / "model") as tmp:
-        for item in source.iterdir():
-            if item.name == "objective.safetensors":
-                heads = {k[len("head."):]: v for k, v in load_tensors(item).items() if k.startswith("head.")}
-                save_tensors(heads, tmp / "head.safetensors")
-            elif item.is_file() and item.name != "trainer_state.pt":
-                shutil.copy2(item, tmp / item.name)
-        write_json(tmp / "task.json", task.spec.to_dict())
-    return run_dir / "model"
+
+    def add_head(checkpoint: Path, folder: Path) -> None:
+        if (checkpoint / "objective.safetensors").exists():
+            state = load_tensors(checkpoint / "objective.safetensors")
+            save_tensors({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")},
+                         folder / "head.safetensors")
+        write_json(folder / "task.json", task.spec.to_dict())
+
+    return export_model(run_dir, add_head)
 
 
 def write_predictions(task: Task, examples: list[dict[str, Any]], predictions: list[dict[str, Any]],

@@ -13,7 +13,6 @@ Run folder::
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from lmforge.objectives.base import Objective
 from lmforge.runs import claim_run_folder
 from lmforge.tokenizer import Tokenizer, train_bpe, train_wordpiece
 from lmforge.train import TrainConfig, Trainer
+from lmforge.train.checkpoint import export_model
 from lmforge.train.dist import Distributed, setup_distributed
 from lmforge.transfer.regularizers import TransferSection, build_anchor
 
@@ -253,7 +253,7 @@ def _pretrain(config: dict[str, Any], run_dir: Path, dist: Distributed, resume: 
         write_text(run_dir / "config.yaml", to_yaml(config))
     final = trainer.fit()
     if dist.is_main:
-        export_final_model(run_dir)
+        export_model(run_dir)
         from lmforge.train.tracking import report
 
         report(run_dir)
@@ -278,20 +278,6 @@ def _anchor(config: dict[str, Any], objective: Objective, run_dir: Path, tokeniz
         train = config["train"]
         batches = lambda: iter(make_loader(TokenShards(source), config, tokenizer, train.micro(1), 4321, dist))  # noqa: E731
     return build_anchor(transfer, objective, batches, run_dir / "anchor.safetensors")
-
-
-def export_final_model(run_dir: Path) -> Path:
-    """Copy the best (else the latest) checkpoint's model files to RUN/model."""
-    from lmforge.fileio import atomic_directory, read_json
-
-    checkpoints = run_dir / "checkpoints"
-    pointer = checkpoints / ("best.json" if (checkpoints / "best.json").exists() else "latest.json")
-    source = checkpoints / read_json(pointer)["path"]
-    with atomic_directory(run_dir / "model") as tmp:
-        for item in source.iterdir():
-            if item.is_file() and item.name not in ("trainer_state.pt", "objective.safetensors"):
-                shutil.copy2(item, tmp / item.name)
-    return run_dir / "model"
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,21 @@ def save_checkpoint(
             shutil.rmtree(staging, ignore_errors=True)
     dist.barrier()
     return folder
+
+
+def export_model(run_dir: Path, add: Callable[[Path, Path], None] | None = None) -> Path:
+    """RUN/model from the best (else the latest) checkpoint: its model files (no trainer or
+    optimizer state); ``add(checkpoint, folder)`` writes what a recipe adds (a task head)."""
+    checkpoints = checkpoint_dir(run_dir)
+    pointer = checkpoints / ("best.json" if (checkpoints / "best.json").exists() else "latest.json")
+    source = checkpoints / read_json(pointer)["path"]
+    with atomic_directory(run_dir / "model") as tmp:
+        for item in source.iterdir():
+            if item.is_file() and item.name not in ("trainer_state.pt", "objective.safetensors"):
+                shutil.copy2(item, tmp / item.name)
+        if add is not None:
+            add(source, tmp)
+    return run_dir / "model"
 
 
 def mark_best(run_dir: Path, step: int, metric: str, value: float) -> None:

@@ -331,8 +331,7 @@ class Trainer:
         for hook in self.hooks:
             if hasattr(hook, "before_step"):
                 hook.before_step(self.step)
-        max_norm = self.config.clip_norm if self.config.clip_norm is not None else float("inf")
-        grad_norm = self.strategy.clip_grad_norm(self.objective.parameters(), max_norm)
+        grad_norm = self.strategy.clip_grad_norm(self.objective.parameters(), self.config.clip_norm)
         loss_total = sum(sums.values())
         if self.scaler is None and not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
             return self._skip_nonfinite_step(loss_total, grad_norm, lr)

@@ -80,9 +80,14 @@ class Strategy:
             return _fsdp_sync(module, sync)
         return contextlib.nullcontext()
 
-    def clip_grad_norm(self, parameters: Iterable[nn.Parameter], max_norm: float) -> float:
-        """Clip to ``max_norm``; returns the norm before clipping (the global one when sharded)."""
-        norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    def clip_grad_norm(self, parameters: Iterable[nn.Parameter], max_norm: float | None) -> float:
+        """Clip to ``max_norm`` (None: only measure); returns the norm before clipping (the
+        global one when sharded)."""
+        parameters = list(parameters)
+        if max_norm is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         if hasattr(norm, "full_tensor"):  # a DTensor: the norm over every shard
             norm = norm.full_tensor()
         return float(norm)
