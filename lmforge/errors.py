@@ -9,7 +9,8 @@ as one clear message instead of a traceback::
      ├── WeightsError             a tensor is missing, unexpected or of the wrong shape
      │    └── CorruptFileError    a weights/GGUF file cannot be read (truncated, wrong format)
      ├── TokenizerError           a tokenizer file is missing or malformed
-     └── DataError                an input file is malformed; names file and line
+     ├── DataError                an input file is malformed; names file and line
+     └── DiskFullError            a write ran out of space; names the folder and the space needed
 """
 
 from __future__ import annotations
@@ -49,3 +50,7 @@ class TokenizerError(LmforgeError):
 
 class DataError(LmforgeError):
     """An input data file is malformed (the message names the file and line)."""
+
+
+class DiskFullError(LmforgeError, OSError):
+    """A write ran out of disk space; what was there before is kept."""

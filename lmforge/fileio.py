@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmforge.errors import CorruptFileError
+from lmforge.errors import CorruptFileError, DiskFullError
 
 
 @contextlib.contextmanager
@@ -41,6 +42,15 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except OSError as error:
+        written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error.errno == errno.ENOSPC:
+            free = shutil.disk_usage(target.parent).free
+            raise DiskFullError(f"no space left on the device of {target.parent} while writing {target.name} "
+                                f"({written / 2**20:,.0f} MB written, {free / 2**20:,.0f} MB free); what was there "
+                                "before is intact") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

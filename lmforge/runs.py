@@ -85,12 +85,12 @@ def claim_run_folder(folder: str | Path, resume: bool | str = False, overwrite: 
 
 
 def _refuse_if_locked(folder: Path) -> None:
-    with _lock(folder):
+    with _lock(folder, record=False):  # the old run's lock file stays as it was
         pass
 
 
 @contextlib.contextmanager
-def _lock(folder: Path) -> Iterator[None]:
+def _lock(folder: Path, record: bool = True) -> Iterator[None]:
     path = folder / ".lock"
     handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115
     try:
@@ -101,11 +101,12 @@ def _lock(folder: Path) -> Iterator[None]:
             holder = handle.read().strip() or "another process"
             raise RunFolderError(f"{folder} is in use by a running job ({holder}); wait for it, or choose another "
                                  "--output") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
-        handle.flush()
+        if record:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            handle.flush()
         yield
     finally:
         with contextlib.suppress(OSError):

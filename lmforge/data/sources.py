@@ -77,7 +77,7 @@ def detect_format(path: Path) -> str:
     return "text"
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) with a clear error for bytes that are not UTF-8."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -92,13 +92,13 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def _text_documents(path: Path, mode: TextMode) -> Iterator[tuple[int, str]]:
     if mode == "lines":
-        for number, line in _lines(path):
+        for number, line in text_lines(path):
             if line.strip():
                 yield number, line.rstrip("\r\n")
         return
     block: list[str] = []
     start = 1
-    for number, line in _lines(path):
+    for number, line in text_lines(path):
         if mode == "blocks" and not line.strip():
             if block:
                 yield start, "".join(block).strip("\r\n")
@@ -112,12 +112,26 @@ def _text_documents(path: Path, mode: TextMode) -> Iterator[tuple[int, str]]:
         yield start, "".join(block).strip("\r\n")
 
 
+def _starts_array_of_objects(line: str) -> bool:
+    """Whether a first line opens a JSON array file (``[`` alone, or ``[{...}, ...]``)."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return True  # an array continued on the next lines
+    return isinstance(value, list) and any(isinstance(item, dict) for item in value)
+
+
 def _records(path: Path, fmt: str, on_error: OnError, stats: SourceStats) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line or row number, record dict) for structured formats."""
     if fmt == "jsonl":
-        for number, line in _lines(path):
+        first = True
+        for number, line in text_lines(path):
             if not line.strip():
                 continue
+            if first and line.lstrip().startswith("[") and _starts_array_of_objects(line):
+                raise DataError(f"{path}:{number}: this is a JSON array; lmforge reads JSON Lines (one object per "
+                                "line) or, for qa, SQuAD JSON: write one example per line")
+            first = False
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict):
@@ -130,13 +144,16 @@ def _records(path: Path, fmt: str, on_error: OnError, stats: SourceStats) -> Ite
                 continue
             yield number, record
     elif fmt in ("csv", "tsv"):
-        text = (line for _, line in _lines(path))
+        text = (line for _, line in text_lines(path))
         reader = csv.DictReader(text, delimiter="\t" if fmt == "tsv" else ",")
         for record in reader:
             number = reader.line_num
             if None in record or any(v is None for v in record.values()):
-                message = f"{path}:{number}: row has {len(record) - (None in record)} fields where the header " \
-                          f"has {len(reader.fieldnames or [])}"
+                found = len(reader.fieldnames or []) + len(record[None]) if None in record else \
+                    sum(v is not None for v in record.values())
+                hint = " (an unquoted separator inside a value? quote that value)" if None in record else ""
+                message = f"{path}:{number}: row has {found} fields where the header has " \
+                          f"{len(reader.fieldnames or [])}{hint}"
                 if on_error == "raise":
                     raise DataError(message)
                 stats.skip(message)

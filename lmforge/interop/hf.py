@@ -372,8 +372,9 @@ def build_from_state(
 def check_state(
     expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, optional_prefixes: tuple[str, ...] = ()
 ) -> list[str]:
-    """Raise one ``WeightsError`` naming every missing, unexpected or wrongly shaped tensor;
-    return the missing keys that ``optional_prefixes`` allow."""
+    """Raise one ``WeightsError`` naming the missing, unexpected or wrongly shaped tensors
+    (the first few of each kind and how many in all: a wrong hidden size touches every
+    tensor); return the missing keys that ``optional_prefixes`` allow."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [
@@ -385,14 +386,19 @@ def check_state(
     missing = [k for k in missing if k not in allowed_missing]
     problems = []
     if missing:
-        problems.append(f"missing tensor(s): {', '.join(missing)}")
+        problems.append(f"{len(missing)} missing tensor(s): {_first_few(missing, ', ')}")
     if unexpected:
-        problems.append(f"unexpected tensor(s): {', '.join(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {_first_few(unexpected, ', ')}")
     if wrong_shape:
-        problems.append(f"wrong shape: {'; '.join(wrong_shape)}")
+        problems.append(f"{len(wrong_shape)} tensor(s) of the wrong shape: {_first_few(wrong_shape, '; ')}")
     if problems:
         raise WeightsError(f"{source}: " + " | ".join(problems))
     return allowed_missing
+
+
+def _first_few(items: list[str], separator: str, shown: int = 4) -> str:
+    rest = len(items) - shown
+    return separator.join(items[:shown]) + (f"{separator}... and {rest} more" if rest > 0 else "")
 
 
 def load_into(

@@ -19,6 +19,7 @@ whole set are ever held.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -299,6 +300,20 @@ def sorted_labels(values: Sequence[Any]) -> list[str]:
         return sorted(names, key=float)
     except ValueError:
         return sorted(names)
+
+
+def warn_near_duplicates(labels: Sequence[str]) -> list[list[str]]:
+    """Warn about labels that differ only in case or surrounding spaces (``pos``, ``pos ``,
+    ``POS`` would be three classes); returns the groups found."""
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        groups.setdefault(label.strip().casefold(), []).append(label)
+    near = [group for group in groups.values() if len(group) > 1]
+    if near:
+        shown = "; ".join(" / ".join(repr(label) for label in group) for group in near)
+        warnings.warn(f"labels that differ only in case or spaces are separate classes: {shown}; clean the label "
+                      "column if they mean the same", UserWarning, stacklevel=3)
+    return near
 
 
 def label_index(labels: Sequence[str], value: Any, example: dict[str, Any], what: str = "label") -> int:

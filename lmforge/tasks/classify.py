@@ -20,7 +20,16 @@ from torch import nn
 
 from lmforge.errors import DataError
 from lmforge.eval import metrics as M
-from lmforge.tasks.base import Head, Task, hidden_size, hidden_states, label_index, pool, sorted_labels
+from lmforge.tasks.base import (
+    Head,
+    Task,
+    hidden_size,
+    hidden_states,
+    label_index,
+    pool,
+    sorted_labels,
+    warn_near_duplicates,
+)
 
 
 class ClassifyTask(Task):
@@ -56,6 +65,7 @@ class ClassifyTask(Task):
             self.spec.labels = sorted_labels([name for e in examples for name in self._label_list(e)])
         else:
             self.spec.labels = sorted_labels([e["label"] for e in examples])
+        warn_near_duplicates(self.spec.labels)
         if len(self.spec.labels) < 2 and self.problem == "single_label":
             raise DataError(f"training data has a single label ({self.spec.labels}); classification needs two or more")
         if self.options["class_weights"] and self.problem == "single_label":

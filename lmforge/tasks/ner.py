@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.loader import IGNORE_INDEX
-from lmforge.data.sources import expand_paths
+from lmforge.data.sources import expand_paths, text_lines
 from lmforge.errors import DataError
 from lmforge.eval import metrics as M
 from lmforge.tasks.base import Head, Task, hidden_size, hidden_states
@@ -40,20 +40,19 @@ def read_conll(path: Path) -> Iterator[dict[str, Any]]:
     tokens: list[str] = []
     tags: list[str] = []
     start = 1
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            columns = line.split()
-            if not columns or columns[0] == "-DOCSTART-":
-                if tokens:
-                    yield {"tokens": tokens, "tags": tags, "_source": f"{path}:{start}"}
-                tokens, tags, start = [], [], number + 1
-                continue
-            if len(columns) < 2:
-                raise DataError(f"{path}:{number}: expected 'word ... tag' columns, found {line.strip()!r}")
-            if not tokens:
-                start = number
-            tokens.append(columns[0])
-            tags.append(columns[-1])
+    for number, line in text_lines(path):  # invalid UTF-8 is a DataError naming file and line
+        columns = line.split()
+        if not columns or columns[0] == "-DOCSTART-":
+            if tokens:
+                yield {"tokens": tokens, "tags": tags, "_source": f"{path}:{start}"}
+            tokens, tags, start = [], [], number + 1
+            continue
+        if len(columns) < 2:
+            raise DataError(f"{path}:{number}: expected 'word ... tag' columns, found {line.strip()!r}")
+        if not tokens:
+            start = number
+        tokens.append(columns[0])
+        tags.append(columns[-1])
     if tokens:
         yield {"tokens": tokens, "tags": tags, "_source": f"{path}:{start}"}
 

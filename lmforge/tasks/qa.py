@@ -37,6 +37,9 @@ def read_squad(path: Path) -> Iterator[dict[str, Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not valid UTF-8 (byte {error.object[error.start]:#04x} at offset {error.start}); "
+                        "convert the file to UTF-8") from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise DataError(f"{path}: not SQuAD JSON (expected a top-level 'data' list)")
     for article_index, article in enumerate(data["data"]):

@@ -17,6 +17,7 @@ complete and pointed to.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from lmforge.checkpoint import write_model_files
-from lmforge.errors import CorruptFileError
+from lmforge.errors import CorruptFileError, DiskFullError
 from lmforge.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json
 from lmforge.objectives.base import Objective
 from lmforge.tokenizer import Tokenizer
@@ -55,10 +56,27 @@ def save_checkpoint(
     torch.distributed.checkpoint (each rank writes its part), the full weights through
     rank 0, which then renames the staged folder into place."""
     strategy = strategy or Strategy("single", Distributed(), torch.device("cpu"))
-    dist = strategy.dist
     folder = checkpoint_dir(run_dir) / f"step-{step:07d}"
     staging = checkpoint_dir(run_dir) / f".step-{step:07d}.staging"
     full_state = strategy.model_state(objective)  # collective when sharded
+    try:
+        _write_checkpoint(run_dir, step, objective, optimizer, state, tokenizer, run_config, keep_last, strategy,
+                          full_state, folder, staging)
+    except OSError as error:
+        if error.errno != errno.ENOSPC and not isinstance(error, DiskFullError):
+            raise
+        free = shutil.disk_usage(checkpoint_dir(run_dir)).free
+        needed = 3 * sum(t.numel() * t.element_size() for t in full_state.values())  # weights + two AdamW moments
+        raise DiskFullError(f"no space left on the device of {checkpoint_dir(run_dir)} while saving step {step}: a "
+                            f"checkpoint needs about {needed / 2**20:,.0f} MB, {free / 2**20:,.0f} MB are free; the "
+                            "previous checkpoint is intact. Free space (or lower train.keep_last) and resume") from None
+    return folder
+
+
+def _write_checkpoint(run_dir: Path, step: int, objective: Objective, optimizer: torch.optim.Optimizer,
+                      state: dict[str, Any], tokenizer: Tokenizer | None, run_config: dict[str, Any], keep_last: int,
+                      strategy: Strategy, full_state: dict[str, torch.Tensor], folder: Path, staging: Path) -> None:
+    dist = strategy.dist
     if dist.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -81,7 +99,6 @@ def save_checkpoint(
         if dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)
     dist.barrier()
-    return folder
 
 
 def export_model(run_dir: Path, add: Callable[[Path, Path], None] | None = None) -> Path:
@@ -137,7 +154,12 @@ def load_checkpoint(folder: Path, objective: Objective, optimizer: torch.optim.O
     if (folder / "objective.safetensors").exists():
         full.update(load_tensors(folder / "objective.safetensors"))
     strategy.load_model_state(objective, full)
-    state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, damaged, or carrying code that weights_only refuses to run
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise CorruptFileError(f"{folder / 'trainer_state.pt'}: not a readable training state ({reason}); it was "
+                               f"never executed. Delete {folder.name} to resume from an earlier checkpoint") from None
     if "optimizer" in state:  # written before optimizer state moved to torch.distributed.checkpoint
         optimizer.load_state_dict(state.pop("optimizer"))
     else:

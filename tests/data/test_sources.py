@@ -82,3 +82,20 @@ def test_json_value_that_is_not_an_object(tmp_path: Path) -> None:
     path.write_text(json.dumps(["a", "list"]) + "\n")
     with pytest.raises(DataError, match=r"d\.jsonl:1: malformed JSON line \(expected a JSON object"):
         list(read_documents(path))
+
+
+def test_a_csv_row_with_an_extra_separator_gives_its_true_field_count(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("text,label\ngood film,pos\ngreat, really,pos\nshort\n")
+    with pytest.raises(DataError, match=r"data\.csv:3: row has 3 fields where the header has 2 \(an unquoted"):
+        list(read_examples(path, {"text": "text", "label": "label"}))
+    path.write_text("text,label\nshort\n")
+    with pytest.raises(DataError, match=r"data\.csv:2: row has 1 fields where the header has 2$"):
+        list(read_examples(path, {"text": "text", "label": "label"}))
+
+
+def test_a_json_array_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    path.write_text('[\n  {"text": "a", "label": 1},\n  {"text": "b", "label": 0}\n]\n')
+    with pytest.raises(DataError, match=r"data\.json:1: this is a JSON array; lmforge reads JSON Lines"):
+        list(read_examples(path, {"text": "text", "label": "label"}, on_error="skip"))

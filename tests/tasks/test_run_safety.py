@@ -154,3 +154,73 @@ def test_metrics_json_is_strict(tmp_path: Path) -> None:
     logger.close()
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["loss"] is None and record["grad_norm"] is None and record["lr"] == 1e-3
+
+
+def test_near_duplicate_labels_are_warned_about(tiny_encoder_dir: Path) -> None:
+    from lmforge.tasks.base import warn_near_duplicates
+
+    with pytest.warns(UserWarning, match=r"'POS' / 'pos' / 'pos '"):
+        assert warn_near_duplicates(["POS", "neg", "pos", "pos "]) == [["POS", "pos", "pos "]]
+    assert warn_near_duplicates(["neg", "pos"]) == []
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lmforge: error")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_conll_file_with_invalid_utf8_is_one_line(tiny_encoder_dir: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "train.conll"
+    path.write_bytes("Anna B-PER\nlives O\n\ncaf\xe9 O\n".encode("latin-1"))
+    line = _one_line_error(capsys, ["finetune", "--task", "ner", "--model", str(tiny_encoder_dir), "--train",
+                                    str(path), "--output", str(tmp_path / "run")])
+    assert "train.conll:4: not valid UTF-8" in line and not (tmp_path / "run").exists()
+
+
+def test_a_malicious_training_state_is_refused_in_one_line(finished_run: tuple[Path, Path], tiny_encoder_dir: Path,
+                                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pickle
+    import shutil
+
+    folder, train = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(folder / "run", run)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (open, (str(marker), "w"))
+
+    latest = run / "checkpoints" / json.loads((run / "checkpoints" / "latest.json").read_text())["path"]
+    argv = ["finetune", "--task", "classify", "--model", str(tiny_encoder_dir), "--train", str(train), "--epochs", "2",
+            "--train.precision", "fp32", "--output", str(run), "--resume"]
+    (latest / "trainer_state.pt").write_bytes(pickle.dumps(Payload()))
+    assert "not a readable training state" in _one_line_error(capsys, argv)
+    assert not marker.exists()  # refused, never executed
+    (latest / "trainer_state.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert "not a readable training state" in _one_line_error(capsys, argv)
+
+
+def test_a_nan_learning_rate_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pretrain", "--config", "configs/bert-tiny-zh.yaml", "--output", str(tmp_path / "run"),
+                 "--train.lr", "nan"]) == 2
+    assert "lr=nan" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_wrong_hidden_size_error_is_short(tmp_path: Path) -> None:
+    from lmforge.checkpoint import load_model, save_model
+    from lmforge.errors import WeightsError
+    from lmforge.fileio import read_json, write_json
+    from lmforge.models import Encoder, preset
+
+    save_model(Encoder(preset("bert-mini", vocab_size=500)), tmp_path / "model")  # type: ignore[arg-type]
+    meta = read_json(tmp_path / "model" / "config.json")
+    meta["model"]["hidden_size"], meta["model"]["num_heads"] = 128, 2
+    write_json(tmp_path / "model" / "config.json", meta)
+    with pytest.raises(WeightsError) as caught:
+        load_model(tmp_path / "model")
+    message = str(caught.value)
+    assert "tensor(s) of the wrong shape" in message and "more" in message and len(message) < 1000

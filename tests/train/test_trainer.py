@@ -206,3 +206,26 @@ def test_training_records_the_precision_it_chose(zh_tokenizer: Tokenizer, zh_sha
     setup = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert setup["split"] == "setup" and setup["precision"] == "fp32" and "0.05x" in setup["precision_reason"]
     assert trainer.autocast_dtype is None and setup["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_full_disk_names_the_folder_and_keeps_the_last_checkpoint(zh_tokenizer: Tokenizer, zh_shards: TokenShards,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import lmforge.checkpoint as checkpoint_module
+    from lmforge.errors import DiskFullError
+
+    trainer, _ = train(zh_tokenizer, zh_shards, tmp_path / "run", 2, 8, 8, total_steps=4)
+    trainer.save()
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "save_tensors", no_space)
+    trainer.step = 3
+    with pytest.raises(DiskFullError, match=r"no space left on the device of .*checkpoints while saving step 3: "
+                                            r"a checkpoint needs about [\d,]+ MB"):
+        trainer.save()
+    assert latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-0000002"
+    assert load_model(tmp_path / "run" / "checkpoints" / "step-0000002") is not None
