@@ -72,6 +72,15 @@ def write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(figure: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    figure.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+    return path
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:

@@ -423,7 +423,7 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
         lines.append(f"| {split} | " + " | ".join(f"{metrics[k]:.4g}" if k in metrics else "" for k in keys) + " |")
     lines += ["", "![curves](curves.png)"]
     lines += [f"![{p.stem}]({p.name})" for p in sorted(run_dir.glob("confusion-*.png"))]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(run_dir / "report.md", "\n".join(lines) + "\n")
     return run_dir / "report.md"
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.fileio import save_figure
+
 
 # ------------------------------------------------------------------ classification
 def classification_metrics(gold: Sequence[int], predicted: Sequence[int], num_labels: int) -> dict[str, float]:
@@ -90,7 +92,7 @@ def confusion_png(gold: Sequence[int], predicted: Sequence[int], labels: Sequenc
     axis.set_title(title)
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
     plt.close(figure)
     return path
 

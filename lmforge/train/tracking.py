@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lmforge.fileio import save_figure, write_text
+
 
 class RunLogger:
     """Appends metrics to metrics.jsonl and TensorBoard; a no-op on non-main ranks."""
@@ -88,13 +90,13 @@ def report(run_dir: str | Path) -> Path:
         axis.legend()
     figure.tight_layout()
     out = Path(run_dir) / "curves.png"
-    figure.savefig(out, dpi=110)
+    save_figure(figure, out, dpi=110)
     plt.close(figure)
     evals = [r for r in records if r["split"] == "eval"]
     lines = ["| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for record in evals:
         cells = [f"{record[k]:.4g}" if record.get(k) is not None else "" for k in keys]
         lines.append(f"| {record['step']} | " + " | ".join(cells) + " |")
-    (Path(run_dir) / "report.md").write_text(f"# Run {Path(run_dir).name}\n\n![curves](curves.png)\n\n"
+    write_text(Path(run_dir) / "report.md", f"# Run {Path(run_dir).name}\n\n![curves](curves.png)\n\n"
                                             + "\n".join(lines) + "\n")
     return out

@@ -21,7 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lmforge.errors import ConfigError
-from lmforge.fileio import read_json, write_json
+from lmforge.fileio import read_json, save_figure, write_json, write_text
 
 
 def random_start(path: str, folder: Path, seed: int) -> Path:
@@ -114,7 +114,7 @@ def write_table(path: Path, summary: list[dict[str, Any]], runs: list[dict[str, 
         lines.append(f"| {start} | " + " | ".join(f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "" for v in values)
                      + " |")
     lines += ["", "![curve](curve.png)"]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -135,6 +135,6 @@ def plot_curve(path: Path, summary: list[dict[str, Any]]) -> Path:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path, dpi=120)
     plt.close(figure)
     return path

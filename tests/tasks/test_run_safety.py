@@ -224,3 +224,18 @@ def test_a_wrong_hidden_size_error_is_short(tmp_path: Path) -> None:
         load_model(tmp_path / "model")
     message = str(caught.value)
     assert "tensor(s) of the wrong shape" in message and "more" in message and len(message) < 1000
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmforge.pretrain
+    from lmforge.train.loop import TrainingInterrupted
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise TrainingInterrupted(f"interrupted at step 7; the checkpoint in {tmp_path} resumes it: run the same "
+                                  "command again with --resume")
+
+    monkeypatch.setattr(lmforge.pretrain, "run_pretraining", interrupted)
+    assert main(["pretrain", "--config", "configs/bert-tiny-zh.yaml", "--output", str(tmp_path)]) == 130
+    error = capsys.readouterr().err
+    assert "lmforge: interrupted at step 7" in error and "again with --resume" in error

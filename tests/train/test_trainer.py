@@ -163,7 +163,8 @@ def test_signal_saves_a_checkpoint(zh_tokenizer: Tokenizer, zh_shards: TokenShar
         return out
 
     trainer.train_step = step_then_signal  # type: ignore[method-assign]
-    with pytest.raises(KeyboardInterrupt):  # saved, then reported as unfinished
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted at step 3; the checkpoint in .*run resumes it: run the "
+                                                r"same command again with --resume"):  # saved, reported as unfinished
         trainer.fit()
     assert trainer.step == 3
     assert latest_checkpoint(tmp_path / "run").name == "step-0000003"  # type: ignore[union-attr]
