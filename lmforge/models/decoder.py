@@ -23,6 +23,7 @@ from torch import nn
 
 from lmforge.models.config import DecoderConfig
 from lmforge.models.layers import (
+    Dropout,
     KVCache,
     RMSNorm,
     RotaryEmbedding,
@@ -128,7 +129,7 @@ class DecoderBlock(nn.Module):
         self.self_attn = SelfAttention(config, layer_index)
         self.post_attention_layernorm = _norm(config)
         self.mlp = MLP(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(
         self,
@@ -156,7 +157,7 @@ class Decoder(nn.Module):
             self.rotary = RotaryEmbedding(
                 config.head_dim, config.max_position_embeddings, config.rope_theta
             )
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_layers))
         self.norm = _norm(config)
         if not config.tie_embeddings:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.config import EncoderConfig
-from lmforge.models.layers import activation, attention_mask_for_sdpa, init_weights, with_prefix
+from lmforge.models.layers import Dropout, activation, attention_mask_for_sdpa, init_weights, with_prefix
 
 
 class Packing:
@@ -45,7 +45,7 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = Dropout(config.hidden_dropout)
 
     def forward(
         self,
@@ -103,7 +103,7 @@ class EncoderBlock(nn.Module):
         self.output = nn.Linear(config.intermediate_size, config.hidden_size)
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.act = activation(config.hidden_act)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = Dropout(config.hidden_dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
         x = self.attention_norm(x + self.dropout(self.attention(x, mask, packing)))

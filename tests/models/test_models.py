@@ -236,3 +236,17 @@ def test_training_after_decoding_layout_reaches_every_weight() -> None:
     for key, grad in grads[1].items():
         assert grads[0][key] is not None, key
         torch.testing.assert_close(grads[0][key], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_keeps_the_expected_share_and_the_mean() -> None:
+    from lmforge.models.layers import Dropout
+
+    torch.manual_seed(0)
+    layer = Dropout(0.1).train()
+    x = torch.ones(200_000)
+    out = layer(x)
+    kept = out != 0
+    assert abs(float(kept.float().mean()) - 0.9) < 0.005
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.9))
+    assert abs(float(out.mean()) - 1.0) < 0.01  # inverted dropout: the expectation is unchanged
+    assert torch.equal(layer.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
