@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt requirements-data.txt pyproject.toml script
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m lmforge.demo
+	$(PY) -m lmforge.recipes.demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from lmforge.pretrain import load_config, run_pretraining
+from lmforge.recipes.pretrain import load_config, run_pretraining
 from lmforge.transfer.forgetting import language_model_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

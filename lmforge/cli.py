@@ -203,11 +203,11 @@ def pretrain(argv: list[str]) -> None:
     the command line, e.g. --train.lr 3e-4 --train.steps 500. Every problem in the config
     is reported at once. Launch under torchrun for several processes/GPUs.
     """
-    parsed = _recipe_flags(argv, pretrain, "lmforge.pretrain")
+    parsed = _recipe_flags(argv, pretrain, "lmforge.recipes.pretrain")
     if parsed is None:
         return
     config_path, output, resume, overwrite, rest = parsed
-    from lmforge.pretrain import load_config, run_pretraining
+    from lmforge.recipes.pretrain import load_config, run_pretraining
 
     run_pretraining(load_config(config_path, rest), output, resume=resume, overwrite=overwrite)
 
@@ -221,11 +221,11 @@ def finetune(argv: list[str]) -> None:
     for ner, SQuAD JSON for qa) or corpus:NAME. Flat flags set the finetune section, dotted
     flags any section (--train.lr, --train.layer_lr_decay 0.9, --train.early_stopping_patience 3).
     """
-    parsed = _recipe_flags(argv, finetune, "lmforge.finetune")
+    parsed = _recipe_flags(argv, finetune, "lmforge.recipes.finetune")
     if parsed is None:
         return
     config_path, output, resume, overwrite, rest = parsed
-    from lmforge.finetune import load_config, run_finetuning
+    from lmforge.recipes.finetune import load_config, run_finetuning
 
     results = run_finetuning(load_config(config_path, rest), output, resume=resume, overwrite=overwrite)
     for split in ("before", "validation", "test"):
@@ -270,7 +270,7 @@ def transfer_curve(argv: list[str]) -> None:
             rest.append(arg)
     if not budgets or not starts or output is None:
         raise LmforgeError("transfer curve needs --budgets, at least one --start NAME=PATH and --output")
-    from lmforge.transfer.experiments import learning_curve
+    from lmforge.recipes.curves import learning_curve
 
     learning_curve(rest, budgets, starts, seeds or [0], output)
     print((Path(output) / "curve.md").read_text(encoding="utf-8"))
@@ -341,7 +341,7 @@ def evaluate(model: str, data: list[str], format: str | None = None, batch_size:
     """
     import json as json_module
 
-    from lmforge.finetune import evaluate_model
+    from lmforge.recipes.finetune import evaluate_model
 
     metrics = evaluate_model(model, data, format, batch_size, progress=not json, device=device, precision=precision)
     if json:
@@ -365,7 +365,7 @@ def predict(model: str, data: list[str], output: str, format: str | None = None,
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.
         precision: auto (bf16 only where this machine runs it faster), bf16, fp16 (GPU) or fp32.
     """
-    from lmforge.finetune import predict_file
+    from lmforge.recipes.finetune import predict_file
 
     count = predict_file(model, data, output, format, batch_size, device=device, precision=precision)
     print(f"{count} predictions -> {output}")
@@ -380,7 +380,7 @@ def pipeline_run(file: str) -> None:
     Args:
         file: the pipeline YAML (output + stages; see lmforge/transfer/pipeline.py).
     """
-    from lmforge.transfer.pipeline import run_pipeline
+    from lmforge.recipes.pipeline import run_pipeline
 
     run_pipeline(file)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lmforge.checkpoint import load_model
-from lmforge.finetune import load_task_model
 from lmforge.peft import load_adapter
+from lmforge.recipes.finetune import load_task_model
 from tests.tasks.conftest import sentiment, write_jsonl
 from tests.tasks.helpers import finetune
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmforge.finetune import load_config, run_finetuning
+from lmforge.recipes.finetune import load_config, run_finetuning
 
 
 def finetune(model: Path, output: Path, *flags: str, **options: Any) -> dict[str, Any]:

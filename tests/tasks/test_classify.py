@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.finetune import evaluate_model, load_config, load_task_model, predict_file, run_finetuning
+from lmforge.recipes.finetune import evaluate_model, load_config, load_task_model, predict_file, run_finetuning
 from lmforge.tasks import TaskSpec, make_task
 from lmforge.train.optim import parameter_groups
 from tests.tasks.conftest import sentiment, write_jsonl
@@ -168,3 +168,15 @@ def test_steps_override_epochs(tiny_encoder_dir: Path, tmp_path: Path) -> None:
                                                 str(train), "--train.steps", "3", "--train.batch_size", "8"]),
                              tmp_path / "run", progress=False)
     assert results["steps"] == 3
+
+
+def test_the_python_api_fine_tunes_evaluates_and_predicts(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    import lmforge
+
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment(64, 1))
+    results = lmforge.finetune("classify", tiny_encoder_dir, train, tmp_path / "run", validation=str(train),
+                               overrides=["--epochs", "1", "--train.precision", "fp32"], progress=False)
+    assert results["labels"] == ["neg", "pos"] and "validation" in results
+    metrics = lmforge.evaluate(tmp_path / "run", [str(train)], progress=False, precision="fp32")
+    assert metrics["accuracy"] == pytest.approx(results["validation"]["accuracy"], abs=1e-6)
+    assert lmforge.predict(tmp_path / "run", [str(train)], tmp_path / "p.jsonl", progress=False) == 64

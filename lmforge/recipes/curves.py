@@ -29,8 +29,8 @@ def random_start(path: str, folder: Path, seed: int) -> Path:
     import torch
 
     from lmforge.checkpoint import is_lmforge_folder, save_model
-    from lmforge.finetune import load_backbone
     from lmforge.models import build_model
+    from lmforge.recipes.finetune import load_backbone
 
     if (folder / "config.json").exists() and is_lmforge_folder(folder):
         return folder
@@ -61,7 +61,7 @@ def learning_curve(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the grid (skipping finished runs) and write curve.json, curve.md, curve.png."""
-    from lmforge.finetune import load_config, run_finetuning
+    from lmforge.recipes.finetune import load_config, run_finetuning
 
     output = Path(output)
     chosen = [(name, parse_budget(b), b, seed) for name in starts for b in budgets for seed in seeds]

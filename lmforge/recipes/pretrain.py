@@ -294,3 +294,12 @@ def fill_mask(model: MaskedLM, tokenizer: Tokenizer, text: str, top_k: int = 5) 
         values, indices = row.topk(top_k)
         results.append([(tokenizer.backend.id_to_token(int(i)), float(v)) for v, i in zip(values, indices, strict=True)])
     return results
+
+
+def pretrain(config: str | Path, output: str | Path, overrides: list[str] | None = None, resume: bool = False,
+             overwrite: bool = False, progress: bool = True) -> dict[str, float]:
+    """Pretrain from a YAML recipe (``configs/*.yaml``) into ``output``; returns the last
+    evaluation. ``overrides`` are ``--section.key value`` pairs, as on the command line."""
+    _, final = run_pretraining(load_config(config, overrides), output, resume=resume, progress=progress,
+                               overwrite=overwrite)
+    return final

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from lmforge.config import load_run_config, to_yaml
-from lmforge.errors import ConfigError, CorruptFileError
-from lmforge.fileio import load_tensors, read_json, save_tensors, write_json, write_text
+from lmforge.errors import ConfigError
+from lmforge.fileio import load_tensors, save_tensors, write_json, write_text
 from lmforge.hardware import module_device, resolve_device, resolve_precision
 from lmforge.models import MaskedLM
 from lmforge.objectives.base import Objective
@@ -40,6 +40,7 @@ from lmforge.peft import AdaLoraController, PeftSection, apply_peft, save_adapte
 from lmforge.runs import claim_run_folder
 from lmforge.tasks import TASKS, Task, TaskSpec, make_task
 from lmforge.tasks.base import steps_for_epochs
+from lmforge.tasks.loading import load_task_model
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import TrainConfig, Trainer
 from lmforge.train.checkpoint import export_model
@@ -199,30 +200,6 @@ def load_backbone(path: str) -> tuple[nn.Module, Tokenizer]:
     if tokenizer is None:
         raise ConfigError([f"model={path}: no tokenizer files (tokenizer.json or vocab.txt) next to the weights"])
     return model, tokenizer
-
-
-def load_task_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Task, Objective]:
-    """A fine-tuned model (its folder, or a run folder holding model/) ready to evaluate on ``device``."""
-    from lmforge.checkpoint import load_model, load_tokenizer
-
-    folder = Path(folder)
-    if not (folder / "task.json").exists() and (folder / "model" / "task.json").exists():
-        folder = folder / "model"
-    if not (folder / "task.json").exists():
-        raise CorruptFileError(f"{folder}: not a fine-tuned model folder (no task.json); fine-tune one with "
-                               "`lmforge finetune`")
-    spec = TaskSpec(**read_json(folder / "task.json"))
-    tokenizer = load_tokenizer(folder)
-    if tokenizer is None:
-        raise CorruptFileError(f"{folder}: tokenizer files are missing")
-    task = make_task(spec, tokenizer)
-    objective = task.objective(load_model(folder))
-    head = getattr(objective, "head", None)
-    if head is not None:
-        from lmforge.interop.hf import load_into
-
-        load_into(head, load_tensors(folder / "head.safetensors"), str(folder / "head.safetensors"))
-    return task, objective.to(resolve_device(device)).eval()
 
 
 # ---------------------------------------------------------------------- the run
@@ -457,3 +434,18 @@ def predict_file(model: str | Path, data: list[str], output: str | Path, fmt: st
     write_predictions(task, examples, predictions, Path(output))
     return len(predictions)
 
+
+
+def finetune(task: str, model: str | Path, train: str | list[str], output: str | Path,
+             validation: str | list[str] | None = None, test: str | list[str] | None = None,
+             config: str | Path | None = None, overrides: list[str] | None = None, resume: bool = False,
+             overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``task`` (classify, ner, relation, qa, pair-score, generate);
+    returns results.json's content. ``overrides`` take the command line's flags
+    (``["--text-field", "review", "--train.lr", "3e-5"]``)."""
+    arguments = ["--task", task, "--model", str(model)]
+    for flag, files in (("--train", train), ("--validation", validation), ("--test", test)):
+        for item in [files] if isinstance(files, (str, Path)) else (files or []):
+            arguments += [flag, str(item)]
+    return run_finetuning(load_config(config, arguments + list(overrides or [])), output, resume=resume,
+                          progress=progress, overwrite=overwrite)

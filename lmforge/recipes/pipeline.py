@@ -119,8 +119,8 @@ def _arguments(settings: dict[str, Any]) -> list[str]:
 
 def run_pipeline(path: str | Path, progress: bool = True) -> list[dict[str, Any]]:
     """Run the stages in order, skipping up-to-date ones; returns what each stage did."""
-    from lmforge import finetune as finetune_recipe
-    from lmforge import pretrain as pretrain_recipe
+    from lmforge.recipes import finetune as finetune_recipe
+    from lmforge.recipes import pretrain as pretrain_recipe
 
     path = Path(path)
     output, stages = load_pipeline(path)

@@ -1,0 +1,49 @@
+"""The package's shape: the library never imports a recipe, and the public API is whole."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import lmforge
+
+PACKAGE = Path(lmforge.__file__).parent
+ENTRY_POINTS = {PACKAGE / "__init__.py", PACKAGE / "cli.py"}  # they expose the recipes, lazily
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_library_never_imports_a_recipe() -> None:
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path in ENTRY_POINTS or (PACKAGE / "recipes") in path.parents:
+            continue
+        bad = sorted(name for name in _imports(path) if name.startswith("lmforge.recipes"))
+        if bad:
+            offenders.append(f"{path.relative_to(PACKAGE.parent)}: {', '.join(bad)}")
+    assert not offenders, offenders
+
+
+def test_every_public_name_resolves() -> None:
+    for name in lmforge.__all__:
+        assert getattr(lmforge, name) is not None, name
+    assert callable(lmforge.finetune) and callable(lmforge.pretrain)
+    assert callable(lmforge.evaluate) and callable(lmforge.predict)
+
+
+def test_the_readme_imports_from_lmforge_alone() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks
+    deep = [line for block in blocks for line in block.splitlines() if re.match(r"\s*from lmforge\.", line)]
+    assert not deep, deep
