@@ -54,7 +54,7 @@ def generate(
         precision: auto (bf16 only where this machine runs it faster), bf16, fp16 (GPU) or fp32.
     """
     from lmforge.checkpoint import load_pretrained
-    from lmforge.generation import GenerationConfig, check_length, generate_tokens
+    from lmforge.generation import GenerationConfig, check_length, cut_at_stop, generate_tokens
     from lmforge.models import Decoder
 
     if threads:
@@ -101,9 +101,7 @@ def generate(
         decoded = tokenizer.decode(generated)
         if decoded.endswith("\ufffd"):
             continue  # an incomplete multi-byte character: wait for the next token
-        for s in config.stop_strings:
-            if s in decoded:
-                decoded = decoded[: decoded.index(s)]
+        decoded = cut_at_stop(decoded, config.stop_strings)
         out.write(decoded[len(shown):])
         out.flush()
         shown = decoded

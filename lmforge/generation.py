@@ -192,11 +192,10 @@ def generate(
                 finished[row] = True
                 continue
             outputs[row].append(value)
-    texts = []
-    for tokens in outputs:
-        text = tokenizer.decode(tokens)
-        for stop in config.stop_strings:
-            if stop in text:
-                text = text[: text.index(stop)]
-        texts.append(text)
-    return texts
+    return [cut_at_stop(tokenizer.decode(tokens), config.stop_strings) for tokens in outputs]
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to the earliest stop string (all of it when none occurs)."""
+    cut = min((text.index(stop) for stop in stop_strings if stop in text), default=len(text))
+    return text[:cut]

@@ -68,6 +68,11 @@ class Tokenizer:
         return None if token is None else self.backend.token_to_id(token)
 
     @property
+    def special_ids(self) -> list[int]:
+        """Ids of the named special tokens ([CLS], [SEP], [PAD], [MASK], bos/eos ...)."""
+        return [i for i in (self.token_id(t) for t in self.special_tokens.values()) if i is not None]
+
+    @property
     def bos_id(self) -> int | None:
         return self.token_id(self.special_tokens.get("bos_token"))
 

@@ -118,7 +118,7 @@ def entity_metrics(gold: list[list[str]], predicted: list[list[str]], scheme: st
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]")
 
 
-def normalize_answer(text: str) -> str:
+def normalise_answer(text: str) -> str:
     """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
     text = text.lower()
     text = "".join(ch for ch in text if ch not in set(string.punctuation) and not _is_cjk_punct(ch))
@@ -133,7 +133,7 @@ def _is_cjk_punct(ch: str) -> bool:
 def answer_tokens(text: str) -> list[str]:
     """Whitespace tokens of the normalised answer; CJK characters count one each."""
     tokens: list[str] = []
-    for word in normalize_answer(text).split():
+    for word in normalise_answer(text).split():
         if _CJK.search(word):
             buffer = ""
             for ch in word:
@@ -152,7 +152,7 @@ def answer_tokens(text: str) -> list[str]:
 
 
 def exact_match(prediction: str, gold: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(gold))
+    return float(normalise_answer(prediction) == normalise_answer(gold))
 
 
 def token_f1(prediction: str, gold: str) -> float:
@@ -169,7 +169,7 @@ def token_f1(prediction: str, gold: str) -> float:
 
 def squad_scores(prediction: str, golds: Sequence[str]) -> tuple[float, float]:
     """(EM, F1) of one prediction: the max over gold answers ([""] when unanswerable)."""
-    golds = [g for g in golds if normalize_answer(g)] or [""]
+    golds = [g for g in golds if normalise_answer(g)] or [""]
     return max(exact_match(prediction, g) for g in golds), max(token_f1(prediction, g) for g in golds)
 
 

@@ -139,11 +139,6 @@ class KVCache:
         """Called once per forward pass, after every layer has stored its keys/values."""
         self.length += steps
 
-    def reorder(self, keep: torch.Tensor) -> None:
-        """Keep only the batch rows in ``keep`` (used when finished rows are dropped)."""
-        self.keys = [k[keep] for k in self.keys]
-        self.values = [v[keep] for v in self.values]
-
 
 def fuse_linears(linears: list[nn.Linear], column_major: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Re-store several Linear layers that read the same input as row blocks of one

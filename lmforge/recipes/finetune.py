@@ -36,7 +36,7 @@ from lmforge.fileio import load_tensors, save_tensors, write_json, write_text
 from lmforge.hardware import module_device, resolve_device, resolve_precision
 from lmforge.models import MaskedLM
 from lmforge.objectives.base import Objective
-from lmforge.peft import AdaLoraController, PeftSection, apply_peft, save_adapter
+from lmforge.peft import AdaLoraController, PeftSection, apply_peft, count_parameters, save_adapter
 from lmforge.runs import claim_run_folder
 from lmforge.tasks import TASKS, Task, TaskSpec, make_task
 from lmforge.tasks.base import steps_for_epochs
@@ -263,6 +263,8 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
         updates["steps"] = steps_for_epochs(section.epochs, len(splits.features["train"]), train.batch_size)
     if train.best_metric == "loss" and "validation" in splits.examples:
         updates["best_metric"] = task.main_metric
+    elif "validation" in splits.examples:
+        _check_best_metric(task, objective, splits, train.best_metric, section.eval_batch_size)
     steps_per_epoch = max(1, len(splits.features["train"]) // train.batch_size)
     if train.eval_every == 0 and "validation" in splits.examples:
         updates["eval_every"] = max(1, steps_per_epoch // max(section.evals_per_epoch, 1))
@@ -303,7 +305,7 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
     if peft.method == "adalora":
         hooks.append(AdaLoraController(objective.model, train.steps, peft.init_r, peft.target_r, peft.tinit,
                                        peft.tfinal, peft.delta_t, peft.beta1, peft.beta2, peft.orth_reg))
-    results["parameters"].update(trainable_parameters(objective))
+    results["parameters"].update(count_parameters(objective))
     trainer = Trainer(objective, loader, train, run_dir, None, tokenizer, run_config, dist, progress,
                       evaluator=evaluator, anchor=anchor, hooks=hooks)
     if resume or dist.restarted:
@@ -335,11 +337,16 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
     return results
 
 
-def trainable_parameters(objective: Objective) -> dict[str, Any]:
-    """Trainable parameters of backbone + head, as a count and a share of all."""
-    total = sum(p.numel() for p in objective.parameters())
-    trainable = sum(p.numel() for p in objective.parameters() if p.requires_grad)
-    return {"trainable": trainable, "total": total, "trainable_share": trainable / max(total, 1)}
+def _check_best_metric(task: Task, objective: Objective, splits: Splits, name: str, batch_size: int) -> None:
+    """Refuse a ``best_metric`` the task does not report, before any step: the metric names
+    come from evaluating two validation examples with the untrained model."""
+    examples = splits.examples["validation"][:2]
+    features = [f for f in splits.features["validation"] if f["example"] < len(examples)]
+    metrics, _ = task.evaluate(objective, examples, features, batch_size)
+    objective.train()
+    if name not in metrics:
+        raise ConfigError([f"train.best_metric={name!r}: the {task.spec.task} task reports "
+                           f"{', '.join(sorted(metrics))}"], where="train")
 
 
 def _anchor(config: dict[str, Any], objective: Objective, run_dir: Path, batch_size: int) -> Any:

@@ -105,14 +105,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def _cross_checks(config: dict[str, Any]) -> list[str]:
+    problems = _best_metric_problems(config)
     if not {"model", "data", "objective"} <= config.keys() or config["model"].init is not None:
-        return []
+        return problems
     model, data, objective = config["model"], config["data"], config["objective"]
     try:
         base = preset(model.preset, **model.overrides)
     except ConfigError as error:
         return [f"model: {p}" for p in error.problems]
-    problems = []
     if isinstance(base, DecoderConfig) != (objective.kind == "clm"):
         kind = "decoder" if isinstance(base, DecoderConfig) else "encoder"
         problems.append(f"objective.kind={objective.kind!r} does not fit model preset {model.preset!r} ({kind})")
@@ -120,6 +120,20 @@ def _cross_checks(config: dict[str, Any]) -> list[str]:
         problems.append(f"data.seq_len={data.seq_len} exceeds the model's max_position_embeddings="
                         f"{base.max_position_embeddings}")
     return problems
+
+
+def _best_metric_problems(config: dict[str, Any]) -> list[str]:
+    """best_metric must be one of the evaluation metrics this objective reports (checked
+    before anything runs, not at the first evaluation)."""
+    if not {"train", "objective"} <= config.keys():
+        return []
+    objective = config["objective"]
+    terms = [objective.kind] + (["pair"] if objective.pair_task else [])
+    names = ["loss", "perplexity", *(f"{t}_{m}" for t in terms for m in ("loss", "accuracy"))]
+    if config["train"].best_metric not in names:
+        return [f"train.best_metric={config['train'].best_metric!r}: not an evaluation metric of this run "
+                f"(one of {', '.join(names)})"]
+    return []
 
 
 def _documents(data: DataSection, split: str, words: bool) -> Callable[[], Iterable[Document]]:
@@ -134,10 +148,6 @@ def _documents(data: DataSection, split: str, words: bool) -> Callable[[], Itera
                               words)
         documents = mixed_source(documents, old, data.rehearsal_ratio)
     return documents
-
-
-def _special_ids(tokenizer: Tokenizer) -> list[int]:
-    return [i for i in (tokenizer.token_id(t) for t in tokenizer.special_tokens.values()) if i is not None]
 
 
 def build_objective(config: dict[str, Any], tokenizer: Tokenizer) -> Objective:
@@ -164,7 +174,7 @@ def build_objective(config: dict[str, Any], tokenizer: Tokenizer) -> Objective:
     if objective.kind == "mlm":
         if tokenizer.token_id("[MASK]") is None:
             raise ConfigError(["masked LM needs a tokenizer with a [MASK] token (tokenizer_kind: wordpiece)"])
-        return MaskedLMObjective(model, tokenizer.token_id("[MASK]"), _special_ids(tokenizer),  # type: ignore[arg-type]
+        return MaskedLMObjective(model, tokenizer.token_id("[MASK]"), tokenizer.special_ids,  # type: ignore[arg-type]
                                  MaskingConfig(rate=objective.mask_rate, whole_word=objective.whole_word),
                                  objective.pair_task)
     from lmforge.data.shards import separator_id

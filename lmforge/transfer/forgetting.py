@@ -50,7 +50,7 @@ def language_model_metrics(
         prepare_shards(document_source(list(corpus), list(files), split), tokenizer, folder, progress=False)
         shards = TokenShards(folder)
         if isinstance(model, MaskedLM):
-            special = [i for i in (tokenizer.token_id(t) for t in tokenizer.special_tokens.values()) if i is not None]
+            special = tokenizer.special_ids
             objective: Any = MaskedLMObjective(model, tokenizer.token_id("[MASK]"), special, MaskingConfig())  # type: ignore[arg-type]
             loader = PackedLoader(shards, seq_len, batch_size, seed, shuffle=False, cls_id=tokenizer.token_id("[CLS]"),
                                   sep_id=tokenizer.token_id("[SEP]"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -175,6 +175,3 @@ def build_anchor(section: TransferSection, objective: Objective,
         save_tensors({k: v.contiguous() for k, v in tensors.items()}, saved)
     return anchor
 
-
-def describe(anchor: Anchor | None) -> dict[str, Any]:
-    return {} if anchor is None else {"anchored_parameters": sum(p.numel() for _, p in anchor.parameters)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.errors import DataError
-from lmforge.eval.metrics import normalize_answer, squad_scores
+from lmforge.eval.metrics import normalise_answer, squad_scores
 from lmforge.tasks import TaskSpec, make_task
 from lmforge.tokenizer import Tokenizer
 from tests.tasks.conftest import qa, write_jsonl
@@ -29,7 +29,7 @@ def squad_file(path: Path, rows: list[dict], impossible: int = 0) -> Path:
 
 
 def test_official_squad_definitions() -> None:
-    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalise_answer("The  Eiffel-Tower!") == "eiffeltower"
     assert squad_scores("the Eiffel Tower", ["Eiffel Tower", "tower"]) == (1.0, 1.0)
     em, f1 = squad_scores("Eiffel", ["Eiffel Tower"])
     assert em == 0.0 and f1 == pytest.approx(2 * 1.0 * 0.5 / 1.5)

@@ -239,3 +239,16 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["pretrain", "--config", "configs/bert-tiny-zh.yaml", "--output", str(tmp_path)]) == 130
     error = capsys.readouterr().err
     assert "lmforge: interrupted at step 7" in error and "again with --resume" in error
+
+
+def test_a_best_metric_typo_is_refused_before_any_step(finished_run: tuple[Path, Path], tiny_encoder_dir: Path,
+                                                       tmp_path: Path) -> None:
+    from lmforge.recipes.pretrain import load_config as pretrain_config
+
+    with pytest.raises(ConfigError, match=r"best_metric='mlm_acc'.*mlm_accuracy"):
+        pretrain_config("configs/bert-tiny-zh.yaml", ["--train.best_metric", "mlm_acc"])
+    folder, train = finished_run
+    with pytest.raises(ConfigError, match=r"best_metric='macro-f1'.*macro_f1"):
+        finetune(tiny_encoder_dir, tmp_path / "run", "--task", "classify", "--train", str(train), "--validation",
+                 str(train), "--train.best_metric", "macro-f1", epochs=1)
+    assert not (tmp_path / "run").exists()
