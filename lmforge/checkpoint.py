@@ -61,7 +61,7 @@ def is_lmforge_folder(folder: Path) -> bool:
 
 def load_model(folder: str | Path) -> nn.Module:
     """The model stored in an lmforge model folder (strict: every tensor must match)."""
-    from lmforge.interop.hf import build_from_state
+    from lmforge.weights import build_from_state
 
     folder = Path(folder)
     meta = read_json(folder / "config.json")

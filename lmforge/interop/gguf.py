@@ -7,7 +7,6 @@ pairs; our decoder (like transformers) rotates halves, so those rows are permute
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,15 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as RustTokenizer
 
 from lmforge.errors import CorruptFileError, TokenizerError, UnknownArchitectureError
-from lmforge.interop.hf import build_from_state
+from lmforge.interop.keymap import KeyMap
 from lmforge.models import Decoder, DecoderConfig
 from lmforge.tokenizer import Tokenizer
+from lmforge.weights import build_from_state
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama",)
 
-LLAMA_KEYS = {
+LLAMA_KEYS = KeyMap({
     "token_embd": "embed_tokens",
     "blk.{}.attn_norm": "layers.{}.input_layernorm",
     "blk.{}.attn_q": "layers.{}.self_attn.q_proj",
@@ -39,7 +39,7 @@ LLAMA_KEYS = {
     "blk.{}.ffn_down": "layers.{}.mlp.down_proj",
     "output_norm": "norm",
     "output": "lm_head",
-}
+})
 
 # llama.cpp pre-tokenizer names -> the split applied before byte-level BPE
 PRE_TOKENIZERS = {
@@ -119,18 +119,10 @@ def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def read_gguf_weights(reader: GGUFReader, config: DecoderConfig, path: Path) -> dict[str, torch.Tensor]:
     """Dequantised fp32 tensors under our key names."""
-    rules = [(re.compile("^" + re.escape(k).replace(r"\{\}", r"(\d+)") + r"\.(weight|bias)$"), v)
-             for k, v in LLAMA_KEYS.items()]
     state: dict[str, torch.Tensor] = {}
     unknown = []
     for tensor in reader.tensors:
-        target = None
-        for pattern, template in rules:
-            match = pattern.match(tensor.name)
-            if match:
-                *layer, leaf = match.groups()
-                target = f"{template.format(*layer)}.{leaf}"
-                break
+        target = LLAMA_KEYS.rename(tensor.name)
         if target is None:
             unknown.append(tensor.name)
             continue

@@ -123,6 +123,7 @@ class DecoderConfig(_ConfigMixin):
     mlp: str = "swiglu"
     hidden_act: str = "silu"
     attention_bias: bool = False
+    attention_output_bias: bool | None = None  # None: as attention_bias (Qwen2: q/k/v biases, none on o_proj)
     mlp_bias: bool = False
     tie_embeddings: bool = True
     dropout: float = 0.0

@@ -56,7 +56,8 @@ class SelfAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        output_bias = bias if config.attention_output_bias is None else config.attention_output_bias
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=output_bias)
         self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see Decoder.use_decoding_layout
         self.prefix: Any = None  # prefix tuning: a callable giving (keys, values), each (kv heads, P, hd)
 

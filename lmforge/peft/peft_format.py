@@ -24,16 +24,14 @@ def hf_module_name(model: nn.Module, name: str) -> str:
     """The transformers module path (from the top model class) of one of our linear layers."""
     from lmforge.interop import hf
 
-    if isinstance(model, Decoder):
-        if model.config.position != "rope":
-            raise ConfigError(["the peft-format export covers Llama and BERT models (GPT-2 fuses q/k/v into c_attn)"])
-        table, prefix = hf.LLAMA_MODULES, hf.BASE_PREFIX["llama"]
-    else:
-        table, prefix = hf.BERT_MODULES, ""  # BertModel (AutoModel) has no prefix
-    renamed = hf._rename(f"{name}.weight", hf._compile(hf._invert(table)))
+    family = hf.family_of(model)
+    if family is hf.GPT2:
+        raise ConfigError(["the peft-format export covers Llama, Qwen2 and BERT models (GPT-2 fuses q/k/v into c_attn)"])
+    prefix = "" if family is hf.BERT else family.base_prefix  # BertModel (AutoModel) has no prefix
+    renamed = family.modules.inverse().module(name)
     if renamed is None:
         raise ConfigError([f"LoRA on {name!r} has no equivalent module in the transformers model (peft format)"])
-    return prefix + renamed[: -len(".weight")]
+    return prefix + renamed
 
 
 def save_peft_format(model: nn.Module, folder: Path) -> Path:

@@ -31,7 +31,7 @@ def load_task_model(folder: str | Path, device: str | torch.device = "cpu") -> t
     objective = task.objective(load_model(folder))
     head = getattr(objective, "head", None)
     if head is not None:
-        from lmforge.interop.hf import load_into
+        from lmforge.weights import load_into
 
         load_into(head, load_tensors(folder / "head.safetensors"), str(folder / "head.safetensors"))
     return task, objective.to(resolve_device(device)).eval()

@@ -144,7 +144,7 @@ def load_checkpoint(folder: Path, objective: Objective, optimizer: torch.optim.O
                     strategy: Strategy | None = None) -> dict[str, Any]:
     """Restore model, extra heads and optimizer in place (every rank, any world size);
     return the trainer state."""
-    from lmforge.interop.hf import check_state
+    from lmforge.weights import check_state
 
     strategy = strategy or Strategy("single", Distributed(), torch.device("cpu"))
     tensors = load_tensors(folder / "model.safetensors")

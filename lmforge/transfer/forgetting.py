@@ -67,8 +67,8 @@ def task_after_adaptation(task_model: str | Path, adapted_backbone: str | Path, 
                           batch_size: int = 64) -> dict[str, float]:
     """An earlier task's metrics with its head on top of a later, adapted backbone."""
     from lmforge.checkpoint import load_model
-    from lmforge.interop.hf import load_into
     from lmforge.tasks.loading import load_task_model
+    from lmforge.weights import load_into
 
     task, objective = load_task_model(task_model)
     folder = Path(adapted_backbone)

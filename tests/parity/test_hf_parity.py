@@ -85,8 +85,17 @@ def _llama_config(tied: bool) -> transformers.LlamaConfig:
     )
 
 
+def _qwen2_config() -> transformers.Qwen2Config:
+    return transformers.Qwen2Config(
+        vocab_size=107, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, max_position_embeddings=128, rope_theta=1000000.0, tie_word_embeddings=True,
+        rms_norm_eps=1e-6, use_sliding_window=False,
+    )
+
+
 DECODERS = {
     "gpt2": (transformers.GPT2LMHeadModel, _gpt2_config),
+    "qwen2": (transformers.Qwen2ForCausalLM, _qwen2_config),
     "llama-gqa-tied": (transformers.LlamaForCausalLM, lambda: _llama_config(True)),
     "llama-gqa-untied": (transformers.LlamaForCausalLM, lambda: _llama_config(False)),
 }
@@ -163,3 +172,30 @@ def test_round_trip_ours_to_hf_to_transformers(tmp_path: Path, name: str) -> Non
     for (key, a), (key_b, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
         assert key == key_b
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_qwen2_is_llama_with_qkv_biases(tmp_path: Path) -> None:
+    """Qwen2 added as one conversion record: q/k/v carry biases, o_proj none; the biases
+    are made non-zero here so that the parity covers them."""
+    torch.manual_seed(1)
+    reference = transformers.Qwen2ForCausalLM(_qwen2_config()).eval()
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+    assert not any("o_proj.bias" in name for name, _ in reference.named_parameters())
+    reference.save_pretrained(tmp_path / "qwen2")
+    model, _ = load_hf(tmp_path / "qwen2")
+    assert isinstance(model, Decoder) and model.config.attention_bias and model.config.attention_output_bias is False
+    model.eval()
+    ids, mask = _batch(model.config.vocab_size)
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        theirs = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        ours = model.logits(model(ids, mask, positions))
+    _close_on_real(ours, theirs, mask)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(save_hf(model, tmp_path / "back")).eval()
+    assert type(exported).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        again = exported(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    _close_on_real(again, theirs, mask)
