@@ -61,7 +61,8 @@ def test_unknown_architecture(llama_folder: Path) -> None:
     config = json.loads((llama_folder / "config.json").read_text())
     config["model_type"] = "mamba"
     (llama_folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnknownArchitectureError, match=r"model_type='mamba' is not supported \(supported: bert, gpt2, llama, qwen2\)"):
+    with pytest.raises(UnknownArchitectureError,
+                       match=r"model_type='mamba' is not supported \(supported: bert, gpt2, llama, qwen2\)"):
         load_hf(llama_folder)
 
 

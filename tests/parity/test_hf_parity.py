@@ -93,6 +93,18 @@ def _qwen2_config() -> transformers.Qwen2Config:
     )
 
 
+def _assert_same_logits(model: Decoder, reference: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    """Our logits equal transformers' on the real (unpadded) positions of a padded batch."""
+    model.eval()
+    ids, mask = _batch(model.config.vocab_size)
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        theirs = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        ours = model.logits(model(ids, mask, positions))
+    _close_on_real(ours, theirs, mask)
+    return ids, mask, positions, theirs
+
+
 DECODERS = {
     "gpt2": (transformers.GPT2LMHeadModel, _gpt2_config),
     "qwen2": (transformers.Qwen2ForCausalLM, _qwen2_config),
@@ -108,13 +120,7 @@ def test_decoder_parity_with_padding(tmp_path: Path, name: str) -> None:
     model, _ = load_hf(folder)
     assert isinstance(model, Decoder)
     assert model.config.tie_embeddings == reference.config.tie_word_embeddings
-    model.eval()
-    ids, mask = _batch(model.config.vocab_size)
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    with torch.no_grad():
-        theirs = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        ours = model.logits(model(ids, mask, positions))
-    _close_on_real(ours, theirs, mask)
+    _assert_same_logits(model, reference)
 
 
 @pytest.mark.parametrize("name", list(DECODERS))
@@ -187,13 +193,7 @@ def test_qwen2_is_llama_with_qkv_biases(tmp_path: Path) -> None:
     reference.save_pretrained(tmp_path / "qwen2")
     model, _ = load_hf(tmp_path / "qwen2")
     assert isinstance(model, Decoder) and model.config.attention_bias and model.config.attention_output_bias is False
-    model.eval()
-    ids, mask = _batch(model.config.vocab_size)
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    with torch.no_grad():
-        theirs = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        ours = model.logits(model(ids, mask, positions))
-    _close_on_real(ours, theirs, mask)
+    ids, mask, positions, theirs = _assert_same_logits(model, reference)
     exported = transformers.AutoModelForCausalLM.from_pretrained(save_hf(model, tmp_path / "back")).eval()
     assert type(exported).__name__ == "Qwen2ForCausalLM"
     with torch.no_grad():
