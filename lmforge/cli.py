@@ -55,7 +55,6 @@ def generate(
     """
     from lmforge.checkpoint import load_pretrained
     from lmforge.generation import GenerationConfig, check_length, cut_at_stop, generate_tokens
-    from lmforge.models import Decoder
 
     if threads:
         torch.set_num_threads(threads)
@@ -63,7 +62,7 @@ def generate(
 
     chosen = resolve_device(device)
     loaded, tokenizer = load_pretrained(model)
-    if not isinstance(loaded, Decoder):
+    if not loaded.causal:
         raise LmforgeError(f"{model}: holds a {type(loaded).__name__}; generation needs a decoder (GPT-2/Llama)")
     if tokenizer is None:
         raise LmforgeError(f"{model}: no tokenizer found next to the weights (tokenizer.json)")

@@ -47,3 +47,18 @@ def test_the_readme_imports_from_lmforge_alone() -> None:
     assert blocks
     deep = [line for block in blocks for line in block.splitlines() if re.match(r"\s*from lmforge\.", line)]
     assert not deep, deep
+
+
+def test_encoders_and_decoders_are_backbones() -> None:
+    import torch
+
+    from lmforge.models import Backbone, Decoder, Encoder, MaskedLM, backbone_of, preset
+
+    for model in (Encoder(preset("bert-tiny", vocab_size=50)), MaskedLM(preset("bert-tiny", vocab_size=50)),
+                  Decoder(preset("llama-tiny", vocab_size=50))):
+        body = backbone_of(model)
+        assert isinstance(body, Backbone)
+        batch = {"input_ids": torch.randint(0, 50, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+        assert body.hidden_states(batch).shape == (2, 5, body.config.hidden_size)
+        assert body.attention(0) is not None and body.input_embeddings().num_embeddings == 50
+        assert body.causal == isinstance(model, Decoder)

@@ -1,5 +1,6 @@
 """Model families: BERT-style encoder and GPT-2/Llama-style decoder."""
 
+from lmforge.models.backbone import Backbone, backbone_of
 from lmforge.models.config import DecoderConfig, EncoderConfig, ModelConfig, config_from_dict
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder import Encoder, MaskedLM, MaskedLMHead
@@ -8,6 +9,7 @@ from lmforge.models.presets import PRESETS, preset
 
 __all__ = [
     "PRESETS",
+    "Backbone",
     "Decoder",
     "DecoderConfig",
     "Encoder",
@@ -16,6 +18,7 @@ __all__ = [
     "MaskedLM",
     "MaskedLMHead",
     "ModelConfig",
+    "backbone_of",
     "build_model",
     "config_from_dict",
     "preset",

@@ -218,6 +218,24 @@ class Decoder(nn.Module):
         for parameter in self.parameters():
             parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
 
+    # the Backbone protocol (lmforge.models.backbone)
+    causal = True
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def attention(self, index: int) -> nn.Module:
+        return self.layers[index].self_attn
+
+    @property
+    def key_value_heads(self) -> int:
+        assert self.config.num_kv_heads is not None
+        return self.config.num_kv_heads
+
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T, H) from a batch of ``input_ids`` (and ``attention_mask``)."""
+        return self(batch["input_ids"], batch.get("attention_mask"))
+
     def new_cache(
         self, batch_size: int, max_length: int, dtype: torch.dtype | None = None
     ) -> KVCache:

@@ -122,6 +122,23 @@ class Encoder(nn.Module):
         self.prompt: nn.Module | None = None  # prompt tuning: soft embeddings put before the tokens
         init_weights(self, config.initializer_range)
 
+    # the Backbone protocol (lmforge.models.backbone)
+    causal = False
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def attention(self, index: int) -> nn.Module:
+        return self.layers[index].attention
+
+    @property
+    def key_value_heads(self) -> int:
+        return self.config.num_heads
+
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T, H) from a batch of ``input_ids`` (and ``attention_mask``, ``token_type_ids``)."""
+        return self(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -185,6 +202,13 @@ class MaskedLM(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.mlm_head = MaskedLMHead(config)
+
+    causal = False
+
+    @property
+    def backbone(self) -> Encoder:
+        """The encoder body (the Backbone the tasks and adapters work on)."""
+        return self.encoder
 
     def forward(
         self,

@@ -32,7 +32,7 @@ from torch import nn
 from lmforge.errors import ConfigError, CorruptFileError
 from lmforge.fileio import atomic_directory, load_tensors, read_json, save_tensors, write_json
 from lmforge.hardware import module_device
-from lmforge.models import Decoder, MaskedLM
+from lmforge.models import backbone_of
 from lmforge.peft.layers import AdaLoraLinear, AdapterLinear, IA3Linear, LoraLinear
 from lmforge.peft.prompts import PrefixTuning, SoftPrompt
 
@@ -81,12 +81,8 @@ class PeftSection:
         return asdict(self)
 
 
-def backbone_of(model: nn.Module) -> nn.Module:
-    return model.encoder if isinstance(model, MaskedLM) else model
-
-
 def default_targets(method: str, model: nn.Module) -> list[str]:
-    decoder = isinstance(backbone_of(model), Decoder)
+    decoder = backbone_of(model).causal
     return {
         "lora": ["q_proj", "v_proj"] if decoder else ["attention.query", "attention.value"],
         "adalora": ["q_proj", "k_proj", "v_proj", "o_proj"] if decoder
@@ -158,13 +154,12 @@ def apply_peft(model: nn.Module, section: PeftSection) -> dict[str, Any]:
         for parameter in biases:
             parameter.requires_grad_(True)
     elif section.method == "prompt":
-        embeddings = backbone.embed_tokens if isinstance(backbone, Decoder) else \
-            backbone.embeddings.word_embeddings  # type: ignore[union-attr]
+        embeddings = backbone.input_embeddings()
         rows = torch.randint(0, embeddings.weight.shape[0], (section.prompt_length,),
                              generator=torch.Generator().manual_seed(0))
         backbone.prompt = SoftPrompt(section.prompt_length, config.hidden_size, embeddings.weight[rows].detach())
     elif section.method == "prefix":
-        heads = config.num_kv_heads if isinstance(backbone, Decoder) else config.num_heads
+        heads = backbone.key_value_heads
         prefix = PrefixTuning(config.num_layers, heads, config.head_dim, section.prefix_length, config.hidden_size,
                               section.prefix_projection, section.prefix_hidden)
         backbone.peft_prefix = prefix
@@ -180,8 +175,8 @@ def apply_peft(model: nn.Module, section: PeftSection) -> dict[str, Any]:
 def attach_prefix(backbone: nn.Module) -> None:
     """Point every attention layer at its slice of ``backbone.peft_prefix``."""
     prefix = backbone.peft_prefix  # type: ignore[union-attr]
-    for index, block in enumerate(backbone.layers):  # type: ignore[union-attr]
-        attention = block.self_attn if isinstance(backbone, Decoder) else block.attention
+    for index in range(len(backbone.layers)):  # type: ignore[union-attr]
+        attention = backbone.attention(index)  # type: ignore[operator]
         attention.prefix = (lambda i: lambda: prefix.layer(i))(index)
 
 

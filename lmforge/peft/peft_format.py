@@ -16,7 +16,6 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.fileio import save_tensors, write_json
-from lmforge.models import Decoder
 from lmforge.peft.layers import LoraLinear
 
 
@@ -35,7 +34,7 @@ def hf_module_name(model: nn.Module, name: str) -> str:
 
 
 def save_peft_format(model: nn.Module, folder: Path) -> Path:
-    from lmforge.peft.core import backbone_of
+    from lmforge.models import backbone_of
 
     backbone = backbone_of(model)
     layers = {name: m for name, m in backbone.named_modules() if isinstance(m, LoraLinear)}
@@ -52,7 +51,7 @@ def save_peft_format(model: nn.Module, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     write_json(folder / "adapter_config.json", {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM" if isinstance(backbone, Decoder) else "FEATURE_EXTRACTION",
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if backbone.causal else "FEATURE_EXTRACTION",
         "r": first.r, "lora_alpha": config["alpha"], "lora_dropout": config["dropout"], "use_rslora": config["rslora"],
         "target_modules": sorted(set(targets)), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "base_model_name_or_path": None})

@@ -34,7 +34,7 @@ from lmforge.config import load_run_config, to_yaml
 from lmforge.errors import ConfigError
 from lmforge.fileio import load_tensors, save_tensors, write_json, write_text
 from lmforge.hardware import module_device, resolve_device, resolve_precision
-from lmforge.models import MaskedLM
+from lmforge.models import backbone_of
 from lmforge.objectives.base import Objective
 from lmforge.peft import AdaLoraController, PeftSection, apply_peft, count_parameters, save_adapter
 from lmforge.runs import claim_run_folder
@@ -195,8 +195,7 @@ def load_backbone(path: str) -> tuple[nn.Module, Tokenizer]:
     from lmforge.checkpoint import load_pretrained
 
     model, tokenizer = load_pretrained(path, with_mlm_head=False)
-    if isinstance(model, MaskedLM):
-        model = model.encoder
+    model = backbone_of(model)  # an encoder saved with its MLM head: the body alone
     if tokenizer is None:
         raise ConfigError([f"model={path}: no tokenizer files (tokenizer.json or vocab.txt) next to the weights"])
     return model, tokenizer

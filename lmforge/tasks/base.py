@@ -33,7 +33,6 @@ from lmforge.data.loader import BucketedLoader
 from lmforge.data.sources import read_examples
 from lmforge.errors import DataError
 from lmforge.hardware import autocast_context, module_device, to_device
-from lmforge.models import Decoder, Encoder
 from lmforge.objectives.base import Objective, ObjectiveOutput, Prepared
 from lmforge.tokenizer import Tokenizer
 
@@ -251,16 +250,14 @@ class TaskObjective(Objective):
 # ---------------------------------------------------------------------- shared pieces
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, T, H) hidden states of an encoder or decoder backbone."""
-    if isinstance(model, Encoder):
-        return model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
-    return model(batch["input_ids"], batch.get("attention_mask"))
+    return model.hidden_states(batch)  # type: ignore[operator,no-any-return]
 
 
 def pool(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """(B, H) sequence vector: [CLS] state, BERT pooler, masked mean, or the last real token
     (decoders; ``auto`` picks cls for encoders and last for decoders)."""
     if how == "auto":
-        how = "last" if isinstance(model, Decoder) else "cls"
+        how = "last" if model.causal else "cls"
     if how == "cls":
         return hidden[:, 0]
     if how == "pooler":

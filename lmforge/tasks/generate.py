@@ -130,7 +130,7 @@ class GenerateTask(Task):
 
     # ------------------------------------------------------------------ model
     def objective(self, model: nn.Module) -> Objective:
-        if not isinstance(model, Decoder):
+        if not model.causal:
             raise DataError("the generate task needs a decoder (GPT-2 / Llama family) model")
         return CausalLMObjective(model)
 
