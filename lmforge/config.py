@@ -57,6 +57,15 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     return None
 
 
+def _is_list(hint: Any) -> bool:
+    return list in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint)))
+
+
+def _comma_list(value: Any) -> Any:
+    """``"tensorboard,wandb"`` for a list field means ``["tensorboard", "wandb"]``."""
+    return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+
 def parse_overrides(arguments: list[str]) -> dict[str, dict[str, Any]]:
     """``--section.key value`` pairs (values read as YAML scalars: 3e-4, true, [a, b])."""
     overrides: dict[str, dict[str, Any]] = {}
@@ -142,6 +151,7 @@ def load_run_config(
             continue
         fields = {f.name: f for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
+        values = {k: _comma_list(v) if k in hints and _is_list(hints[k]) else v for k, v in values.items()}
         section_problems = [f"{name}.{key}: unknown key (allowed: {', '.join(fields)})"
                             for key in values if key not in fields]
         for key, value in values.items():

@@ -20,7 +20,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +44,7 @@ from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, mark_be
 from lmforge.train.dist import Distributed
 from lmforge.train.optim import build_optimizer, schedule_factor
 from lmforge.train.strategy import Strategy
-from lmforge.train.tracking import RunLogger
+from lmforge.train.tracking import TRACKERS, RunLogger
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None  # stop (and save) after this much wall time
     skip_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient to skip before stopping the run
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # and/or wandb (offline), mlflow (file store)
 
     def __post_init__(self) -> None:
         problems = []
@@ -102,6 +103,9 @@ class TrainConfig:
             problems.append(f"micro_batch_size={self.micro_batch_size}: must divide batch_size={self.batch_size}")
         if not math.isfinite(self.lr) or not 0 < self.lr <= 1:
             problems.append(f"lr={self.lr}: must be a number in (0, 1] (AdamW learning rates are around 1e-5..1e-2)")
+        unknown = [t for t in self.trackers if t not in TRACKERS]
+        if unknown:
+            problems.append(f"trackers={self.trackers}: unknown {', '.join(unknown)} (known: {', '.join(TRACKERS)})")
         if self.skip_nonfinite_steps < 0:
             problems.append(f"skip_nonfinite_steps={self.skip_nonfinite_steps}: must be >= 0")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
@@ -244,7 +248,8 @@ class Trainer:
         self.optimizer = build_optimizer(objective, config.lr, config.weight_decay, config.beta1, config.beta2,
                                          config.eps, config.layer_lr_decay)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_scaler else None
-        self.logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
+        self.logger = RunLogger(self.run_dir, enabled=self.dist.is_main, trackers=config.trackers,
+                                config=self.run_config)
         self.autocast_dtype = self.precision.dtype
 
     # ------------------------------------------------------------------ state

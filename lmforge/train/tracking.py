@@ -1,7 +1,13 @@
-"""Run tracking: metrics.jsonl, TensorBoard events, and the report.
+"""Run tracking: metrics.jsonl, TensorBoard, Weights & Biases, MLflow, and the report.
 
 Every logged record is one JSON line in ``RUN_DIR/metrics.jsonl`` ({"step", "split",
-...metrics}) and the same scalars in TensorBoard (``RUN_DIR/tensorboard``).
+...metrics}) and the same scalars in each tracker of ``train.trackers``:
+
+    tensorboard   RUN_DIR/tensorboard (the default)
+    wandb         RUN_DIR/wandb, offline unless WANDB_MODE says otherwise (no network needed;
+                  ``wandb sync RUN_DIR/wandb/offline-run-*`` uploads it later)
+    mlflow        a local file store, RUN_DIR/mlruns, or MLFLOW_TRACKING_URI when set
+
 ``report(RUN_DIR)`` draws the curves to ``RUN_DIR/curves.png`` and a markdown summary.
 """
 
@@ -9,27 +15,84 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lmforge.fileio import save_figure, write_text
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lmforge"), name=run_dir.name, dir=str(run_dir),
+                              config=config, mode=os.environ.get("WANDB_MODE", "offline"))  # type: ignore[arg-type]
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"file:{(run_dir / 'mlruns').resolve()}"
+        if uri.startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a local file store is what we want here
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        experiment = self.client.get_experiment_by_name("lmforge")
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment("lmforge")
+        self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
+        for section, values in config.items():
+            for key, value in (values.items() if isinstance(values, dict) else [("value", values)]):
+                self.client.log_param(self.run_id, f"{section}.{key}", str(value)[:500])
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        for key, value in scalars.items():
+            self.client.log_metric(self.run_id, key, value, step=step)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+_BACKENDS = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
+
 
 class RunLogger:
-    """Appends metrics to metrics.jsonl and TensorBoard; a no-op on non-main ranks."""
+    """Appends metrics to metrics.jsonl and to each tracker; a no-op on non-main ranks."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, enabled: bool = True, trackers: Sequence[str] = ("tensorboard",),
+                 config: dict[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
-        self.writer = None
+        self.trackers: list[Any] = []
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.handle = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.trackers = [_BACKENDS[name](self.run_dir, config or {}) for name in trackers]
 
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -38,16 +101,17 @@ class RunLogger:
                   **{k: _json_number(v) for k, v in metrics.items()}}
         self.handle.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: NaN/inf become null
         self.handle.flush()
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(f"{split}/{key}", value, step)
+        scalars = {f"{split}/{k}": float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if scalars:
+            for tracker in self.trackers:
+                tracker.log(step, scalars)
 
     def close(self) -> None:
         if self.enabled:
             self.handle.close()
-            if self.writer is not None:
-                self.writer.close()
+            for tracker in self.trackers:
+                tracker.close()
 
 
 def _json_number(value: Any) -> Any:

@@ -149,7 +149,7 @@ def test_report_takes_the_run_positionally(finished_run: tuple[Path, Path]) -> N
 def test_metrics_json_is_strict(tmp_path: Path) -> None:
     from lmforge.train.tracking import RunLogger
 
-    logger = RunLogger(tmp_path, tensorboard=False)
+    logger = RunLogger(tmp_path, trackers=[])
     logger.log(1, "train", {"loss": math.nan, "grad_norm": math.inf, "lr": 1e-3})
     logger.close()
     record = json.loads((tmp_path / "metrics.jsonl").read_text())

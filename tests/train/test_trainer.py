@@ -230,3 +230,24 @@ def test_a_full_disk_names_the_folder_and_keeps_the_last_checkpoint(zh_tokenizer
         trainer.save()
     assert latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-0000002"
     assert load_model(tmp_path / "run" / "checkpoints" / "step-0000002") is not None
+
+
+def test_wandb_offline_and_mlflow_runs_write_their_files(zh_tokenizer: Tokenizer, zh_shards: TokenShards,
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.config import load_run_config
+
+    for name in ("WANDB_MODE", "MLFLOW_TRACKING_URI", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    config = load_run_config({"train": TrainConfig}, None, ["--train.trackers", "tensorboard,wandb,mlflow",
+                                                           "--train.steps", "3", "--train.batch_size", "8",
+                                                           "--train.log_every", "1"])["train"]
+    assert config.trackers == ["tensorboard", "wandb", "mlflow"]
+    Trainer(make_objective(zh_tokenizer), make_loader(zh_shards, zh_tokenizer, 8), config, tmp_path / "run",
+            tokenizer=zh_tokenizer, progress=False).fit()
+    run = tmp_path / "run"
+    assert any((run / "tensorboard").iterdir())
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))  # offline: no network, synced later if wanted
+    metric_files = list((run / "mlruns").glob("*/*/metrics/train/loss"))
+    assert metric_files and len(metric_files[0].read_text().splitlines()) == 3  # one line per logged step
+    with pytest.raises(Exception, match="unknown neptune"):
+        TrainConfig(trackers=["neptune"])
