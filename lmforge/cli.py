@@ -408,11 +408,21 @@ COMMANDS: dict[str, Any] = {
 def _command(argv: list[str]) -> Callable[..., Any] | None:
     """The function a command line names (walking nested subcommands)."""
     node: Any = COMMANDS
+    for word in _command_path(argv):
+        node = node[word]
+    return node if callable(node) else None
+
+
+def _command_path(argv: list[str]) -> list[str]:
+    """The (sub)command words at the start of a command line (``["tokenizer", "train"]``)."""
+    node: Any = COMMANDS
+    path: list[str] = []
     for arg in argv:
         if not isinstance(node, dict) or arg not in node:
             break
+        path.append(arg)
         node = node[arg]
-    return node if callable(node) else None
+    return path
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
@@ -445,7 +455,7 @@ def normalise_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jsonargparse import CLI
+    from jsonargparse import CLI, ArgumentError
 
     if argv is None:  # a real command line (tests pass argv and keep their process)
         from lmforge.runtime import reexec_with_tcmalloc
@@ -466,7 +476,13 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:2] == ["transfer", "curve"]:
             transfer_curve(argv[2:])
             return 0
-        CLI(COMMANDS, args=normalise_argv(argv), as_positional=False)
+        try:
+            CLI(COMMANDS, args=normalise_argv(argv), as_positional=False, exit_on_error=False)
+        except ArgumentError as error:  # a bad flag or value: one line, then the help to read
+            detail = " ".join(str(error).split())
+            print(f"lmforge: error: {detail} (see: {' '.join(['lmforge', *_command_path(argv)])} --help)",
+                  file=sys.stderr)
+            return 2
     except LmforgeError as error:
         print(f"lmforge: error: {error}", file=sys.stderr)
         return 2

@@ -28,6 +28,9 @@ class ConfigError(LmforgeError, ValueError):
 
     def __init__(self, problems: list[str], where: str = "config") -> None:
         self.problems = list(problems)
+        if len(self.problems) == 1:  # one problem, one line
+            super().__init__(f"{where}: {self.problems[0]}")
+            return
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{where} has {len(self.problems)} problem(s):\n{lines}")
 

@@ -6,6 +6,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 import lmforge
 
 PACKAGE = Path(lmforge.__file__).parent
@@ -62,3 +64,38 @@ def test_encoders_and_decoders_are_backbones() -> None:
         assert body.hidden_states(batch).shape == (2, 5, body.config.hidden_size)
         assert body.attention(0) is not None and body.input_embeddings().num_embeddings == 50
         assert body.causal == isinstance(model, Decoder)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["generate", "--help"], ["evaluate", "--help"], ["predict", "--help"], ["tokenizer", "train", "--help"],
+    ["prepare", "--help"], ["corpora", "--help"], ["report", "--help"], ["pipeline", "run", "--help"],
+    ["pretrain", "--help"], ["finetune", "--help"], ["transfer", "curve", "--help"],
+])
+def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from lmforge.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's --help
+        code = int(exit_.code or 0)
+    assert code == 0 and len(capsys.readouterr().out) > 80
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--model", "m", "--prompt", "p", "--max_new_tokens", "abc"],
+    ["tokenizer", "train", "--output", "o", "--kind", "nope"],
+    ["corpora", "--bogus", "1"],
+    ["evaluate", "--model", "/nope", "--data", "x.jsonl"],
+    ["predict", "--model", "/nope", "--data", "x", "--output", "y"],
+    ["prepare", "--tokenizer", "/nope", "--output", "o"],
+    ["report", "/nope"],
+    ["pipeline", "run", "/nope.yaml"],
+    ["transfer", "curve", "--budgets", "5"],
+    ["nosuch"],
+])
+def test_a_bad_value_is_a_one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from lmforge.cli import main
+
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("lmforge: error:"), error
