@@ -257,31 +257,11 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
     objective = task.objective(model).to(device)
     objective.train()
 
-    updates: dict[str, Any] = {}
-    if section.epochs is not None:
-        updates["steps"] = steps_for_epochs(section.epochs, len(splits.features["train"]), train.batch_size)
-    if train.best_metric == "loss" and "validation" in splits.examples:
-        updates["best_metric"] = task.main_metric
-    elif "validation" in splits.examples:
-        _check_best_metric(task, objective, splits, train.best_metric, section.eval_batch_size)
-    steps_per_epoch = max(1, len(splits.features["train"]) // train.batch_size)
-    if train.eval_every == 0 and "validation" in splits.examples:
-        updates["eval_every"] = max(1, steps_per_epoch // max(section.evals_per_epoch, 1))
-    train = replace(train, **updates)
-    if train.warmup_steps > train.steps:
-        train = replace(train, warmup_steps=train.steps // 10)
+    train = _fitted_train_config(section, train, task, objective, splits)
     config = {**config, "train": train}
 
     claim(dist)
-    from lmforge.data.loader import BucketedLoader
-
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    micro = train.micro(dist.world_size)
-    if len(splits.features["train"]) < micro * dist.world_size:
-        micro = max(1, len(splits.features["train"]) // dist.world_size)
-        train = replace(train, batch_size=micro * dist.world_size * train.accumulation(dist.world_size),
-                        micro_batch_size=micro)
-    loader = BucketedLoader(splits.features["train"], micro, pad, train.seed, dist.rank, dist.world_size)
+    loader, train = _train_loader(splits, tokenizer, train, dist)
     autocast = precision.dtype
 
     def evaluate(split: str, final: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -299,12 +279,7 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
     run_config["task_spec"] = task.spec.to_dict()
     anchor = _anchor(config, objective, run_dir, section.eval_batch_size)
     peft: PeftSection = config["peft"]
-    hooks: list[Any] = []
-    results["parameters"] = apply_peft(objective.model, peft) if peft.method != "none" else {}
-    if peft.method == "adalora":
-        hooks.append(AdaLoraController(objective.model, train.steps, peft.init_r, peft.target_r, peft.tinit,
-                                       peft.tfinal, peft.delta_t, peft.beta1, peft.beta2, peft.orth_reg))
-    results["parameters"].update(count_parameters(objective))
+    hooks = _apply_peft(objective, peft, train.steps, results)
     trainer = Trainer(objective, loader, train, run_dir, None, tokenizer, run_config, dist, progress,
                       evaluator=evaluator, anchor=anchor, hooks=hooks)
     if resume or dist.restarted:
@@ -334,6 +309,48 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
     write_json(run_dir / "results.json", results)
     write_report(run_dir, results)
     return results
+
+
+def _fitted_train_config(section: FinetuneSection, train: TrainConfig, task: Task, objective: Objective,
+                         splits: Splits) -> TrainConfig:
+    """The train section for this data: steps from epochs, the task's main metric as
+    best_metric (a given one checked), evaluations per epoch, warm-up within the steps."""
+    updates: dict[str, Any] = {}
+    if section.epochs is not None:
+        updates["steps"] = steps_for_epochs(section.epochs, len(splits.features["train"]), train.batch_size)
+    if train.best_metric == "loss" and "validation" in splits.examples:
+        updates["best_metric"] = task.main_metric
+    elif "validation" in splits.examples:
+        _check_best_metric(task, objective, splits, train.best_metric, section.eval_batch_size)
+    steps_per_epoch = max(1, len(splits.features["train"]) // train.batch_size)
+    if train.eval_every == 0 and "validation" in splits.examples:
+        updates["eval_every"] = max(1, steps_per_epoch // max(section.evals_per_epoch, 1))
+    train = replace(train, **updates)
+    return replace(train, warmup_steps=train.steps // 10) if train.warmup_steps > train.steps else train
+
+
+def _train_loader(splits: Splits, tokenizer: Tokenizer, train: TrainConfig, dist: Distributed) -> tuple[Any, TrainConfig]:
+    """Length-bucketed training batches (a smaller micro-batch when the data is tiny)."""
+    from lmforge.data.loader import BucketedLoader
+
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    micro = train.micro(dist.world_size)
+    if len(splits.features["train"]) < micro * dist.world_size:
+        micro = max(1, len(splits.features["train"]) // dist.world_size)
+        train = replace(train, batch_size=micro * dist.world_size * train.accumulation(dist.world_size),
+                        micro_batch_size=micro)
+    return BucketedLoader(splits.features["train"], micro, pad, train.seed, dist.rank, dist.world_size), train
+
+
+def _apply_peft(objective: Objective, peft: PeftSection, steps: int, results: dict[str, Any]) -> list[Any]:
+    """Inject the PEFT method (recording what was done in ``results``); returns its step hooks."""
+    hooks: list[Any] = []
+    results["parameters"] = apply_peft(objective.model, peft) if peft.method != "none" else {}
+    if peft.method == "adalora":
+        hooks.append(AdaLoraController(objective.model, steps, peft.init_r, peft.target_r, peft.tinit, peft.tfinal,
+                                       peft.delta_t, peft.beta1, peft.beta2, peft.orth_reg))
+    results["parameters"].update(count_parameters(objective))
+    return hooks
 
 
 def _check_best_metric(task: Task, objective: Objective, splits: Splits, name: str, batch_size: int) -> None:

@@ -390,10 +390,55 @@ class Trainer:
         """Train to ``config.steps`` (or an early stop, time limit or signal); returns the
         last evaluation metrics."""
         config = self.config
+        flops_per_token = self.objective.flops_per_token()
+        peak = self._announce_setup()
+        start_time = time.perf_counter()
+        batches = iter(self.loader)
+        bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        last_eval: dict[str, float] = {}
+        window = [0.0, time.perf_counter()]  # tokens since the last log, and when that log was
+        reason = "steps"
+        with self._stop_on_signals():
+            try:
+                while self.step < config.steps:
+                    metrics = self.train_step(batches)
+                    bar.update(1)
+                    self._log_train(metrics, window, flops_per_token, peak, bar)
+                    out_of_time = config.max_minutes is not None and \
+                        (time.perf_counter() - start_time) / 60 >= config.max_minutes
+                    if out_of_time:
+                        reason = "time limit"
+                    finished = self.step >= config.steps or self.stop_requested or out_of_time
+                    improved_now = False
+                    if (config.eval_every and self.step % config.eval_every == 0) or finished:
+                        last_eval, improved_now, patience_out = self._evaluate_and_rank()
+                        if patience_out:
+                            reason, finished = "early stopping", True
+                    if (config.save_every and self.step % config.save_every == 0) or finished or improved_now:
+                        self.save()
+                        if improved_now and self.dist.is_main:
+                            mark_best(self.run_dir, self.step, f"eval {config.best_metric}", self.best)  # type: ignore[arg-type]
+                    if self.stop_requested:
+                        reason = "signal"
+                    if finished:
+                        break
+            finally:
+                bar.close()
+                self.logger.close()
+        if self.dist.is_main:
+            tqdm.write(f"stopped at step {self.step} ({reason}); run folder: {self.run_dir}")
+        if reason == "signal":
+            raise TrainingInterrupted(f"interrupted at step {self.step}; the checkpoint in {self.run_dir} resumes it: "
+                                      f"run the same command again with --resume")
+        return last_eval
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM finish the current step and save; a second Ctrl-C stops at once."""
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
         def request_stop(signum: int, _frame: Any) -> None:
-            if self.stop_requested:  # a second Ctrl-C stops at once
+            if self.stop_requested:
                 raise KeyboardInterrupt
             self.stop_requested = True
             if self.dist.is_main:
@@ -402,75 +447,53 @@ class Trainer:
         for sig in previous:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 signal.signal(sig, request_stop)
-        flops_per_token = self.objective.flops_per_token()
-        peak = matmul_peak(self.autocast_dtype or torch.float32, self.device.type) if self.dist.is_main else 1.0
-        if self.dist.is_main:
-            if self.progress:
-                tqdm.write(f"device {self.device}, precision {self.precision.name} ({self.precision.reason}), "
-                           f"strategy {self.strategy.name} x{self.dist.world_size}")
-            self.logger.log(self.step, "setup", {"device": str(self.device), "precision": self.precision.name,
-                                                 "precision_reason": self.precision.reason,
-                                                 "strategy": self.strategy.name, "world_size": self.dist.world_size,
-                                                 "peak_flops": peak})
-        start_time = time.perf_counter()
-        batches = iter(self.loader)
-        bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
-        last_eval: dict[str, float] = {}
-        window_tokens, window_start = 0.0, time.perf_counter()
-        reason = "steps"
         try:
-            while self.step < config.steps:
-                metrics = self.train_step(batches)
-                bar.update(1)
-                window_tokens += metrics["tokens"]
-                if self.step % config.log_every == 0 or self.step == config.steps:
-                    elapsed = time.perf_counter() - window_start
-                    metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
-                    metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / peak
-                    self.logger.log(self.step, "train", metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                                    mfu=f"{metrics['mfu']:.1%}")
-                    window_tokens, window_start = 0.0, time.perf_counter()
-                out_of_time = config.max_minutes is not None and \
-                    (time.perf_counter() - start_time) / 60 >= config.max_minutes
-                if out_of_time:
-                    reason = "time limit"
-                finished = self.step >= config.steps or self.stop_requested or out_of_time
-                improved_now = False
-                if (config.eval_every and self.step % config.eval_every == 0) or finished:
-                    last_eval = self.evaluate()
-                    if last_eval:
-                        self.logger.log(self.step, "eval", last_eval)
-                        if self.on_eval is not None and self.dist.is_main:
-                            self.on_eval(self.step, last_eval)
-                        if config.best_metric not in last_eval:
-                            raise ConfigError([f"best_metric={config.best_metric!r} is not among the evaluation "
-                                               f"metrics ({', '.join(last_eval)})"], where="train")
-                        improved_now = self._improved(last_eval[config.best_metric])
-                        if not improved_now and config.early_stopping_patience and \
-                                self.evals_without_improvement >= config.early_stopping_patience:
-                            reason = "early stopping"
-                            finished = True
-                if (config.save_every and self.step % config.save_every == 0) or finished or improved_now:
-                    self.save()
-                    if improved_now and self.dist.is_main:
-                        mark_best(self.run_dir, self.step, f"eval {config.best_metric}", self.best)  # type: ignore[arg-type]
-                if self.stop_requested:
-                    reason = "signal"
-                if finished:
-                    break
+            yield
         finally:
-            bar.close()
-            self.logger.close()
             for sig, handler in previous.items():
                 with contextlib.suppress(ValueError, TypeError):
                     signal.signal(sig, handler)
-        if self.dist.is_main:
-            tqdm.write(f"stopped at step {self.step} ({reason}); run folder: {self.run_dir}")
-        if reason == "signal":
-            raise TrainingInterrupted(f"interrupted at step {self.step}; the checkpoint in {self.run_dir} resumes it: "
-                                      f"run the same command again with --resume")
-        return last_eval
+
+    def _announce_setup(self) -> float:
+        """Print and record device, precision and strategy; returns the MFU peak (FLOP/s)."""
+        if not self.dist.is_main:
+            return 1.0
+        peak = matmul_peak(self.autocast_dtype or torch.float32, self.device.type)
+        if self.progress:
+            tqdm.write(f"device {self.device}, precision {self.precision.name} ({self.precision.reason}), "
+                       f"strategy {self.strategy.name} x{self.dist.world_size}")
+        self.logger.log(self.step, "setup", {"device": str(self.device), "precision": self.precision.name,
+                                             "precision_reason": self.precision.reason, "strategy": self.strategy.name,
+                                             "world_size": self.dist.world_size, "peak_flops": peak})
+        return peak
+
+    def _log_train(self, metrics: dict[str, float], window: list[float], flops_per_token: float, peak: float,
+                   bar: Any) -> None:
+        """Every ``log_every`` steps: tokens/s and MFU over the window, to the log and the bar."""
+        window[0] += metrics["tokens"]
+        if self.step % self.config.log_every and self.step != self.config.steps:
+            return
+        metrics["tokens_per_s"] = window[0] / max(time.perf_counter() - window[1], 1e-9)
+        metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / peak
+        self.logger.log(self.step, "train", metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", mfu=f"{metrics['mfu']:.1%}")
+        window[0], window[1] = 0.0, time.perf_counter()
+
+    def _evaluate_and_rank(self) -> tuple[dict[str, float], bool, bool]:
+        """(metrics, improved on the best so far, early-stopping patience used up)."""
+        metrics = self.evaluate()
+        if not metrics:
+            return metrics, False, False
+        self.logger.log(self.step, "eval", metrics)
+        if self.on_eval is not None and self.dist.is_main:
+            self.on_eval(self.step, metrics)
+        name = self.config.best_metric
+        if name not in metrics:
+            raise ConfigError([f"best_metric={name!r} is not among the evaluation metrics ({', '.join(metrics)})"],
+                              where="train")
+        improved = self._improved(metrics[name])
+        patience = self.config.early_stopping_patience
+        return metrics, improved, bool(not improved and patience and self.evals_without_improvement >= patience)
 
     def _improved(self, value: float) -> bool:
         better = self.best is None or (value < self.best if self.config.minimise() else value > self.best)
