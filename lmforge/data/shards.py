@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from tqdm import tqdm
@@ -194,41 +195,7 @@ def prepare_shards(
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shards: list[ShardInfo] = []
-    state = {"handle": None, "words": None, "tokens": 0, "starts": [0]}
-
-    def open_shard() -> None:
-        path = tmp / f"shard-{len(shards):05d}.bin"
-        state["handle"] = open(path, "wb")  # noqa: SIM115 - closed in close_shard
-        if word_starts:
-            state["words"] = open(path.with_suffix(".words.bin"), "wb")  # noqa: SIM115
-        state["tokens"], state["starts"] = 0, [0]
-        shards.append(ShardInfo(path, 0, 0))
-
-    def close_shard() -> None:
-        handle = state["handle"]
-        if handle is None:
-            return
-        handle.close()  # type: ignore[attr-defined]
-        if state["words"] is not None:
-            state["words"].close()  # type: ignore[attr-defined]
-        info = shards[-1]
-        starts = np.asarray(state["starts"], dtype=np.int64)
-        np.save(info.path.with_suffix(".docs.npy"), starts, allow_pickle=False)
-        info.tokens, info.documents = int(starts[-1]), len(starts) - 1
-        state["handle"] = None
-
-    def write(tokens: np.ndarray, lengths: np.ndarray, starts: bytes) -> None:
-        if state["handle"] is None or state["tokens"] >= shard_tokens:  # type: ignore[operator]
-            close_shard()
-            open_shard()
-        state["handle"].write(tokens.tobytes())  # type: ignore[union-attr]
-        if state["words"] is not None:
-            state["words"].write(starts)  # type: ignore[attr-defined]
-        ends = state["tokens"] + np.cumsum(lengths)  # type: ignore[operator]
-        state["starts"].extend(ends.tolist())  # type: ignore[union-attr]
-        state["tokens"] = int(ends[-1]) if len(ends) else state["tokens"]
-
+    writer = _ShardWriter(tmp, shard_tokens, word_starts)
     start_time = time.perf_counter()
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing",
                disable=not progress, smoothing=0.1)
@@ -239,19 +206,16 @@ def prepare_shards(
                 in_flight.append(pool.submit(_encode_chunk, chunk, dtype, separator, bos, word_starts))
                 in_flight[-1].add_done_callback(lambda _f, n=chunk_size: bar.update(n))
                 while len(in_flight) >= 2 * workers:  # bounded memory: wait for the oldest
-                    tokens, lengths, starts = in_flight.popleft().result()
-                    write(np.frombuffer(tokens, dtype=dtype), np.frombuffer(lengths, dtype=np.int64), starts)
+                    writer.write(*in_flight.popleft().result())
             while in_flight:
-                tokens, lengths, starts = in_flight.popleft().result()
-                write(np.frombuffer(tokens, dtype=dtype), np.frombuffer(lengths, dtype=np.int64), starts)
-        close_shard()
+                writer.write(*in_flight.popleft().result())
+        writer.close_shard()
     except BaseException:
         bar.close()
-        for key in ("handle", "words"):
-            if state[key] is not None:
-                state[key].close()  # type: ignore[attr-defined]
+        writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shards = writer.shards
     bar.close()
     elapsed = time.perf_counter() - start_time
     index = {
@@ -276,6 +240,58 @@ def prepare_shards(
     print_fn(f"{index['documents']:,} documents, {index['tokens']:,} tokens, "
              f"{total_bytes / 2**20:.1f} MiB in {elapsed:.1f}s ({total_bytes / 2**20 / max(elapsed, 1e-9):.2f} MiB/s)")
     return output
+
+
+class _ShardWriter:
+    """Appends encoded chunks to shard files of about ``shard_tokens`` tokens each, with
+    their document boundaries (``.docs.npy``) and, optionally, word starts."""
+
+    def __init__(self, folder: Path, shard_tokens: int, word_starts: bool) -> None:
+        self.folder, self.shard_tokens, self.word_starts = folder, shard_tokens, word_starts
+        self.shards: list[ShardInfo] = []
+        self.handle: IO[bytes] | None = None
+        self.words: IO[bytes] | None = None
+        self.tokens = 0
+        self.starts = [0]
+
+    def write(self, tokens: bytes, lengths: bytes, starts: bytes) -> None:
+        """One encoded chunk: token ids (the shard dtype), int64 document lengths, word starts."""
+        if self.handle is None or self.tokens >= self.shard_tokens:
+            self.close_shard()
+            self._open_shard()
+        assert self.handle is not None
+        self.handle.write(tokens)
+        if self.words is not None:
+            self.words.write(starts)
+        ends = self.tokens + np.cumsum(np.frombuffer(lengths, dtype=np.int64))
+        self.starts.extend(ends.tolist())
+        self.tokens = int(ends[-1]) if len(ends) else self.tokens
+
+    def _open_shard(self) -> None:
+        path = self.folder / f"shard-{len(self.shards):05d}.bin"
+        self.handle = open(path, "wb")  # noqa: SIM115 - closed in close_shard
+        if self.word_starts:
+            self.words = open(path.with_suffix(".words.bin"), "wb")  # noqa: SIM115
+        self.tokens, self.starts = 0, [0]
+        self.shards.append(ShardInfo(path, 0, 0))
+
+    def close_shard(self) -> None:
+        if self.handle is None:
+            return
+        self.handle.close()
+        if self.words is not None:
+            self.words.close()
+            self.words = None
+        info = self.shards[-1]
+        starts = np.asarray(self.starts, dtype=np.int64)
+        np.save(info.path.with_suffix(".docs.npy"), starts, allow_pickle=False)
+        info.tokens, info.documents = int(starts[-1]), len(starts) - 1
+        self.handle = None
+
+    def abort(self) -> None:
+        for handle in (self.handle, self.words):
+            if handle is not None:
+                handle.close()
 
 
 class TokenShards:
