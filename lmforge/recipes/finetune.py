@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import resource
 import time
@@ -46,6 +47,8 @@ from lmforge.train import TrainConfig, Trainer
 from lmforge.train.checkpoint import export_model
 from lmforge.train.dist import Distributed, setup_distributed
 from lmforge.transfer.regularizers import TransferSection, build_anchor
+
+log = logging.getLogger(__name__)
 
 TaskName = Literal["classify", "ner", "relation", "qa", "pair-score", "generate"]
 
@@ -206,11 +209,14 @@ def load_backbone(path: str) -> tuple[nn.Module, Tokenizer]:
 class Splits:
     examples: dict[str, list[dict[str, Any]]]
     features: dict[str, list[dict[str, Any]]]
+    lengths: dict[str, Any] = field(default_factory=dict)  # the max_length chosen and the truncations per split
 
 
-def read_splits(section: FinetuneSection, task: Task, seed: int = 0) -> Splits:
+def read_splits(section: FinetuneSection, task: Task, seed: int = 0, positions: int | None = None) -> Splits:
     """Read, fit the label map on, and encode every split (all errors before any write).
-    ``limit`` draws that many training examples with ``seed`` (label-budget runs)."""
+    ``limit`` draws that many training examples with ``seed`` (label-budget runs). Without
+    an explicit ``max_length``, it is chosen to cover 95% of the training examples (up to
+    the model's ``positions``) and longer examples are truncated, with a counted warning."""
     examples = {"train": task.read(section.train, "train", fmt=section.format)}
     if section.limit is not None and section.limit < len(examples["train"]):
         examples["train"] = random.Random(f"{seed}:{section.limit}").sample(examples["train"], section.limit)
@@ -223,8 +229,23 @@ def read_splits(section: FinetuneSection, task: Task, seed: int = 0) -> Splits:
                 chosen = sorted(random.Random(f"eval:{section.eval_limit}").sample(range(len(examples[split])),
                                                                                    section.eval_limit))
                 examples[split] = [examples[split][i] for i in chosen]
-    features = {split: task.encode_all(items) for split, items in examples.items()}
-    return Splits(examples, features)
+    lengths: dict[str, Any] = {}
+    if section.max_length is None and positions is not None:
+        choice = task.choose_max_length(examples["train"], positions)
+        if choice is not None:
+            if section.truncate is None:
+                task.options["truncate"] = True
+            lengths = {"max_length": choice[0], "chosen_from_data": True, "train_share_covered": round(choice[1], 4)}
+            print(f"max_length {choice[0]} (chosen from the data: covers {choice[1]:.1%} of the training examples; "
+                  f"the model has {positions} positions; --max-length N sets it)")
+    features: dict[str, list[dict[str, Any]]] = {}
+    for split, items in examples.items():
+        features[split] = task.encode_all(items)
+        if task.truncated:
+            lengths[f"truncated_{split}"] = task.truncated
+            log.warning("%s: %d of %d examples are longer than max_length=%s and were truncated", split,
+                        task.truncated, len(items), task.options["max_length"])
+    return Splits(examples, features, lengths)
 
 
 def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = False, progress: bool = True,
@@ -253,7 +274,8 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
     torch.manual_seed(train.seed)
     model, tokenizer = load_backbone(section.model)
     task = make_task(section.spec(getattr(model.config, "max_position_embeddings", None)), tokenizer)
-    splits = read_splits(section, task, train.seed)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    splits = read_splits(section, task, train.seed, positions)
     objective = task.objective(model).to(device)
     objective.train()
 
@@ -270,7 +292,8 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
 
     results: dict[str, Any] = {"task": section.task, "model": section.model, "train_examples": len(splits.examples["train"]),
                                "labels": task.spec.labels, "main_metric": task.main_metric, "device": str(device),
-                               "precision": precision.name, "precision_reason": precision.reason}
+                               "precision": precision.name, "precision_reason": precision.reason,
+                               "max_length": task.options.get("max_length"), **splits.lengths}
     if section.eval_before and "validation" in splits.examples:
         results["before"] = evaluate("validation", final=True)[0]
         objective.train()

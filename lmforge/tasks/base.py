@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -64,6 +65,7 @@ class Task:
         self.tokenizer = tokenizer
         self.options = {**self.defaults, **spec.options}
         spec.options = self.options
+        self.truncated = 0  # examples cut to max_length by check_length since the last encode_all
 
     # ------------------------------------------------------------------ data
     def read(self, sources: Sequence[str], split: str, labeled: bool = True, fmt: str | None = None
@@ -108,6 +110,7 @@ class Task:
     def encode_all(self, examples: Sequence[dict[str, Any]], labeled: bool = True) -> list[dict[str, Any]]:
         """Features of every example; each carries ``example`` (its example's position)."""
         features = []
+        self.truncated = 0
         for index, example in enumerate(examples):
             for feature in self.encode(example, labeled):
                 feature["example"] = index
@@ -115,14 +118,37 @@ class Task:
         return features
 
     def check_length(self, ids: list[int], example: dict[str, Any]) -> bool:
-        """True when ``ids`` must be truncated; an error when truncation is off."""
+        """True when ``ids`` must be truncated (counted in ``truncated``); an error when
+        truncation is off."""
         limit = int(self.options["max_length"])
         if len(ids) <= limit:
             return False
         if not self.options.get("truncate", False):
             raise DataError(f"{example['_source']}: {len(ids)} tokens exceed max_length={limit}; "
                             f"raise --max-length or pass --truncate")
+        self.truncated += 1
         return True
+
+    def input_texts(self, example: dict[str, Any]) -> tuple[Any, Any] | None:
+        """The (text, pair) an example is encoded from, for tasks whose max_length can be
+        chosen from the data (None: the task windows or builds its inputs itself)."""
+        return None
+
+    def choose_max_length(self, examples: Sequence[dict[str, Any]], positions: int, share: float = 0.95
+                          ) -> tuple[int, float] | None:
+        """Set ``max_length`` to cover ``share`` of the examples' token lengths (rounded up
+        to a multiple of 8, at most the model's ``positions``); returns (length, the share
+        it covers), or None for tasks that take no such choice."""
+        if not examples or self.input_texts(examples[0]) is None:
+            return None
+        lengths = []
+        for example in examples:
+            text, pair = self.input_texts(example)  # type: ignore[misc]
+            lengths.append(len(self.tokenizer.encode_full(str(text), str(pair) if pair not in (None, "") else None).ids))
+        wanted = int(math.ceil(float(np.percentile(lengths, share * 100)) / 8) * 8)
+        limit = max(8, min(positions, wanted))
+        self.options["max_length"] = limit
+        return limit, float(np.mean(np.asarray(lengths) <= limit))
 
     def encode_texts(self, example: dict[str, Any], text: Any, pair: Any = None) -> dict[str, Any]:
         """input_ids and token_type_ids of a text (or pair), checked against max_length and

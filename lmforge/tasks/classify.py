@@ -74,8 +74,11 @@ class ClassifyTask(Task):
             weights = len(examples) / (len(counts) * np.maximum(counts, 1))
             self.options["class_weight_values"] = [float(w) for w in weights]
 
+    def input_texts(self, example: dict[str, Any]) -> tuple[Any, Any]:
+        return example["text"], example.get("text_pair")
+
     def encode(self, example: dict[str, Any], labeled: bool = True) -> list[dict[str, Any]]:
-        feature = self.encode_texts(example, example["text"], example.get("text_pair"))
+        feature = self.encode_texts(example, *self.input_texts(example))
         if labeled:
             feature["labels"] = self.target(example)
         return [feature]

@@ -37,8 +37,11 @@ class PairScoreTask(Task):
             raise DataError(f"{example['_source']}: label {value} is negative")
         return value
 
+    def input_texts(self, example: dict[str, Any]) -> tuple[Any, Any]:
+        return example["query"], example["item"]
+
     def encode(self, example: dict[str, Any], labeled: bool = True) -> list[dict[str, Any]]:
-        feature = self.encode_texts(example, example["query"], example["item"])
+        feature = self.encode_texts(example, *self.input_texts(example))
         if labeled:
             feature["labels"] = min(self._relevance(example), 1.0)
         return [feature]

@@ -64,20 +64,21 @@ def test_unknown_label_at_evaluation_is_named(sentiment_run: tuple[Path, Path, d
         evaluate_model(folder / "run", [str(bad)], progress=False)
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([{"text": "good film", "label": "pos"}, {"text": "bad film"}], r"train.jsonl:2: field 'label' is missing"),
-    ([{"text": "good film", "label": "pos"}, {"text": "  ", "label": "neg"}], r"train.jsonl:2: field 'text' is empty"),
-    ([{"text": "good film", "label": "pos"}, {"text": "bad " * 200, "label": "neg"}],
+@pytest.mark.parametrize("rows, flags, message", [
+    ([{"text": "good film", "label": "pos"}, {"text": "bad film"}], [], r"train.jsonl:2: field 'label' is missing"),
+    ([{"text": "good film", "label": "pos"}, {"text": "  ", "label": "neg"}], [],
+     r"train.jsonl:2: field 'text' is empty"),
+    ([{"text": "good film", "label": "pos"}, {"text": "bad " * 200, "label": "neg"}], ["--max-length", "128"],
      r"train.jsonl:2: 202 tokens exceed max_length=128; raise --max-length or pass --truncate"),
 ])
 def test_malformed_files_fail_before_anything_is_written(tiny_encoder_dir: Path, tmp_path: Path, rows: list,
-                                                         message: str) -> None:
+                                                         flags: list, message: str) -> None:
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     run = tmp_path / "run"
     run.mkdir()
     (run / "results.json").write_text("previous results")
-    with pytest.raises(DataError, match=message):
-        finetune(tiny_encoder_dir, run, "--task", "classify", "--train", str(train))
+    with pytest.raises(DataError, match=message):  # an explicit max_length without --truncate refuses long texts
+        finetune(tiny_encoder_dir, run, "--task", "classify", "--train", str(train), *flags)
     assert sorted(p.name for p in run.iterdir()) == ["results.json"]
     assert (run / "results.json").read_text() == "previous results"
 
@@ -180,3 +181,38 @@ def test_the_python_api_fine_tunes_evaluates_and_predicts(tiny_encoder_dir: Path
     metrics = lmforge.evaluate(tmp_path / "run", [str(train)], progress=False, precision="fp32")
     assert metrics["accuracy"] == pytest.approx(results["validation"]["accuracy"], abs=1e-6)
     assert lmforge.predict(tmp_path / "run", [str(train)], tmp_path / "p.jsonl", progress=False) == 64
+
+
+def test_max_length_is_chosen_from_the_data(tiny_encoder_dir: Path, tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from lmforge.tokenizer import Tokenizer
+
+    rows = sentiment(100, 3)
+    for row in rows[:4]:
+        row["text"] = " ".join(["lovely"] * 300)  # 4 of 100 examples are far longer than the rest
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    tokenizer = Tokenizer.load(tiny_encoder_dir)
+    lengths = sorted(len(tokenizer.encode(r["text"])) for r in rows)
+    with caplog.at_level(logging.WARNING):
+        results = finetune(tiny_encoder_dir, tmp_path / "run", "--task", "classify", "--train", str(train),
+                           "--train.steps", "2")
+    chosen = results["max_length"]
+    assert results["chosen_from_data"] and chosen % 8 == 0 and chosen < 300  # far below the 4 long texts
+    covered = sum(length <= chosen for length in lengths) / len(lengths)
+    assert covered >= 0.95 and results["train_share_covered"] == pytest.approx(covered, abs=1e-4)
+    over = sum(length > chosen for length in lengths)
+    assert results["truncated_train"] == over == 4  # exactly the over-long examples
+    assert f"{over} of 100 examples are longer than max_length={chosen}" in caplog.text
+    spec = json.loads((tmp_path / "run" / "model" / "task.json").read_text())
+    assert spec["options"]["max_length"] == chosen  # saved with the model: prediction uses the same length
+
+
+def test_a_chosen_max_length_never_exceeds_the_model_positions(tiny_encoder_dir: Path) -> None:
+    from lmforge.tokenizer import Tokenizer
+
+    task = make_task(TaskSpec("classify", {"text": "text", "label": "label"}, [], {}), Tokenizer.load(tiny_encoder_dir))
+    examples = [{"text": " ".join(["lovely"] * 100), "label": "pos"}] * 20
+    assert task.choose_max_length(examples, positions=48) == (48, 0.0)
+    assert task.options["max_length"] == 48
