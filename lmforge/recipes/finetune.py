@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from lmforge.config import load_run_config, to_yaml
 from lmforge.errors import ConfigError
@@ -236,7 +237,7 @@ def read_splits(section: FinetuneSection, task: Task, seed: int = 0, positions: 
             if section.truncate is None:
                 task.options["truncate"] = True
             lengths = {"max_length": choice[0], "chosen_from_data": True, "train_share_covered": round(choice[1], 4)}
-            print(f"max_length {choice[0]} (chosen from the data: covers {choice[1]:.1%} of the training examples; "
+            tqdm.write(f"max_length {choice[0]} (chosen from the data: covers {choice[1]:.1%} of the training examples; "
                   f"the model has {positions} positions; --max-length N sets it)")
     features: dict[str, list[dict[str, Any]]] = {}
     for split, items in examples.items():

@@ -23,6 +23,7 @@ that run inside the objective's forward see whole weights).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -117,7 +118,8 @@ class Strategy:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         state = {"optimizer": get_optimizer_state_dict(objective, optimizer)}
-        dcp.save(state, checkpoint_id=str(folder), no_dist=not self.dist.enabled)
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=str(folder), no_dist=not self.dist.enabled)
 
     def load_optimizer(self, objective: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
         """Read optimizer state written by any number of ranks into this run's layout."""
@@ -134,7 +136,8 @@ class Strategy:
         names = {key.split(".", 2)[2].rsplit(".", 1)[0] for key in saved if key.startswith("optimizer.state.")}
         for name in [n for n in state["optimizer"]["state"] if n not in names]:
             del state["optimizer"]["state"][name]
-        dcp.load(state, checkpoint_id=str(folder), no_dist=not self.dist.enabled)
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(folder), no_dist=not self.dist.enabled)
         set_optimizer_state_dict(objective, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
 
 
@@ -145,6 +148,15 @@ def _fsdp_sync(module: nn.Module, sync: bool) -> Iterator[None]:
         yield
     finally:
         module.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """torch.distributed.checkpoint warns on every call without a process group; one process
+    is a deliberate use here, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def transformer_layers(module: nn.Module) -> list[nn.Module]:
