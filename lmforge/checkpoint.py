@@ -48,6 +48,8 @@ def write_model_files(
               **(extra or {})}
     if getattr(model, "peft_config", None):  # load_model re-applies the method, then loads its tensors
         config["peft"] = model.peft_config
+    if getattr(model, "quantization", None):  # load_model rebuilds the quantised modules first
+        config["quantization"] = model.quantization
     save_tensors(dict(model.state_dict()) if state is None else state, folder / "model.safetensors", metadata={"format": "pt"})
     write_json(folder / "config.json", config)
     if tokenizer is not None:
@@ -69,17 +71,25 @@ def load_model(folder: str | Path) -> nn.Module:
     if kind not in MODEL_CLASSES:
         raise CorruptFileError(f"{folder / 'config.json'}: kind={kind!r} is not one of {', '.join(MODEL_CLASSES)}")
     tensors = load_tensors(folder / "model.safetensors")
+    build: Any = MODEL_CLASSES[kind]
+    quantization = meta.get("quantization")
+    if quantization:
+        from lmforge.deploy.quantize import quantized_builder
+
+        build = quantized_builder(build, quantization)
     if meta.get("peft"):
         from lmforge.peft import PeftSection, apply_peft, load_adapter_tensors, split_peft_state
 
         base, adapter = split_peft_state(tensors, meta["peft"]["method"])
         if meta["peft"]["method"] == "bitfit":
             adapter = {k: v for k, v in base.items() if k.endswith(".bias")}
-        model = build_from_state(MODEL_CLASSES[kind], config_from_dict(meta["model"]), base, str(folder))
+        model = build_from_state(build, config_from_dict(meta["model"]), base, str(folder))
+        model.quantization = quantization
         apply_peft(model, PeftSection(**meta["peft"]))
         load_adapter_tensors(model, adapter, str(folder))
         return model.eval()
-    model = build_from_state(MODEL_CLASSES[kind], config_from_dict(meta["model"]), tensors, str(folder))
+    model = build_from_state(build, config_from_dict(meta["model"]), tensors, str(folder))
+    model.quantization = quantization
     return model.eval()
 
 

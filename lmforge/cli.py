@@ -393,6 +393,46 @@ def report(run: str) -> None:
     print(draw(run))
 
 
+def quantize(model: str, output: str, method: Literal["int8", "int4", "onnx-int8"] = "int8", group_size: int = 32,
+             overwrite: bool = False) -> None:
+    """Quantise a model into a smaller model folder that evaluate, predict and generate take.
+
+    Args:
+        model: a fine-tuned run (or its model folder), an lmforge/Hugging Face folder or a .gguf file.
+        output: the folder to write (atomically).
+        method: int8 (encoders: dynamic int8; decoders: weight-only int8), int4 (weight-only,
+            group-wise) or onnx-int8 (an ONNX graph quantised by onnxruntime).
+        group_size: inputs per int4 group (each has an fp16 scale and minimum).
+        overwrite: replace an existing output folder.
+    """
+    from lmforge.deploy import quantize_folder as run
+
+    summary = run(model, method, output, group_size, overwrite)
+    shrink = ""
+    if "megabytes" in summary:
+        shrink = f": {summary['source_megabytes']:.1f} MB -> {summary['megabytes']:.1f} MB"
+    print(f"{method} -> {output}{shrink}")
+
+
+def export(model: str, output: str, format: Literal["hf", "onnx", "gguf"] = "hf",
+           gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = "f16", overwrite: bool = False) -> None:
+    """Export a model for other runtimes: a Hugging Face folder (task heads included), ONNX
+    (dynamic batch and length, checked against torch) or GGUF (Llama-family decoders, LoRA merged).
+
+    Args:
+        model: a fine-tuned run (or its model folder), an lmforge/Hugging Face folder or a .gguf file.
+        output: the folder (hf, onnx) or file (gguf) to write, atomically.
+        format: hf, onnx or gguf.
+        gguf_type: tensor type of 2-D GGUF tensors (norms stay f32).
+        overwrite: replace an existing output.
+    """
+    from lmforge.deploy import export_model as run
+
+    summary = run(model, format, output, overwrite, gguf_type=gguf_type)
+    parity = f" (max |onnxruntime - torch| = {summary['parity_max_abs']:.1e})" if "parity_max_abs" in summary else ""
+    print(f"{format} -> {output}{parity}")
+
+
 COMMANDS: dict[str, Any] = {
     "report": report,
     "evaluate": evaluate,
@@ -402,6 +442,8 @@ COMMANDS: dict[str, Any] = {
     "prepare": prepare,
     "corpora": corpora,
     "pipeline": {"run": pipeline_run},
+    "quantize": quantize,
+    "export": export,
 }
 
 
@@ -427,8 +469,8 @@ def _command_path(argv: list[str]) -> list[str]:
 
 def normalise_argv(argv: list[str]) -> list[str]:
     """Conventional flags for the command's typed parameters: a bare ``--flag`` means
-    ``--flag true`` for booleans, and a list parameter may be repeated
-    (``--corpus a --corpus b``) as well as given as a JSON list."""
+    ``--flag true`` for booleans, a list parameter may be repeated (``--corpus a --corpus b``)
+    as well as given as a JSON list, and ``--max-new-tokens`` is ``--max_new_tokens``."""
     function = _command(argv)
     if function is None:
         return argv
@@ -442,6 +484,8 @@ def normalise_argv(argv: list[str]) -> list[str]:
 
     flags = names(lambda hint: hint is bool)
     lists = names(lambda hint: list in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint))))
+    dashed = {f"--{name.replace('_', '-')}": f"--{name}" for name in hints if "_" in name}
+    argv = [dashed.get(arg, arg) for arg in argv]  # --group-size and --group_size both work
     expanded: list[str] = []
     for index, arg in enumerate(argv):
         following = argv[index + 1] if index + 1 < len(argv) else None

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
@@ -182,3 +183,134 @@ def load_gguf(path: str | Path) -> tuple[Decoder, Tokenizer]:
     config.tie_embeddings = "lm_head.weight" not in state
     model = build_from_state(Decoder, config, state, str(path))
     return model.eval(), tokenizer_from_gguf(meta, path)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- writing
+GGUF_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+
+
+def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order (rotate-half -> interleaved pairs); ``_unpermute`` undoes it."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _pre_tokenizer_name(tokenizer: Tokenizer) -> str:
+    import json
+
+    ours = json.dumps(json.loads(tokenizer.backend.to_str()).get("pre_tokenizer"), sort_keys=True)
+    for name, make in PRE_TOKENIZERS.items():
+        probe = RustTokenizer(models.BPE())
+        probe.pre_tokenizer = make()
+        if json.dumps(json.loads(probe.to_str())["pre_tokenizer"], sort_keys=True) == ours:
+            return name
+    raise UnknownArchitectureError("GGUF holds byte-level BPE tokenizers with a gpt2 or smollm pre-tokenizer; this "
+                                   "tokenizer's pre-tokenizer is neither")
+
+
+def _check_gguf_model(model: nn.Module, tokenizer: Tokenizer | None) -> None:
+    config = getattr(model, "config", None)
+    problems = []
+    if not isinstance(model, Decoder) or not isinstance(config, DecoderConfig):
+        problems.append(f"a {type(model).__name__} (GGUF export holds Llama-family decoders)")
+    else:
+        if config.position != "rope" or config.norm != "rmsnorm" or config.mlp != "swiglu":
+            problems.append("a GPT-2-style decoder (learned positions / LayerNorm / GELU MLP)")
+        if config.attention_bias or config.mlp_bias or config.attention_output_bias:
+            problems.append("a decoder with linear biases (Qwen2-style); the llama architecture has none")
+    if tokenizer is None:
+        problems.append("no tokenizer (a GGUF file carries its tokenizer)")
+    elif tokenizer.backend.model.__class__.__name__ != "BPE":
+        problems.append(f"a {tokenizer.backend.model.__class__.__name__} tokenizer (GGUF export holds byte-level BPE)")
+    if problems:
+        raise UnknownArchitectureError("cannot export to GGUF: " + "; ".join(problems))
+
+
+def save_gguf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, tensor_type: str = "f16",
+              name: str = "lmforge") -> Path:
+    """Write a Llama-family decoder (LoRA already merged) and its tokenizer as a GGUF file that
+    llama.cpp reads; 1-D tensors (norms) stay f32, as llama.cpp's converter keeps them."""
+    import json
+    import os
+
+    from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+    from gguf.quants import quantize
+
+    _check_gguf_model(model, tokenizer)
+    if tensor_type not in GGUF_TYPES:
+        raise UnknownArchitectureError(f"GGUF tensor type {tensor_type!r} is not one of {', '.join(GGUF_TYPES)}")
+    assert isinstance(model, Decoder) and tokenizer is not None
+    config = model.config
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = GGUFWriter(str(tmp), "llama")
+    writer.add_name(name)
+    writer.add_block_count(config.num_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(int(config.num_kv_heads or config.num_heads))
+    writer.add_key_length(int(config.head_dim or 0))
+    writer.add_value_length(int(config.head_dim or 0))
+    writer.add_rope_dimension_count(int(config.head_dim or 0))
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type({"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2}[tensor_type])
+    backend = json.loads(tokenizer.backend.to_str())
+    vocab: dict[str, int] = backend["model"]["vocab"]
+    for added in backend.get("added_tokens", []):
+        vocab.setdefault(added["content"], added["id"])
+    tokens = [""] * config.vocab_size
+    for token, index in vocab.items():
+        if index < config.vocab_size:
+            tokens[index] = token
+    special = {added["content"] for added in backend.get("added_tokens", []) if added.get("special")}
+    tokens = [token or f"[PAD{i}]" for i, token in enumerate(tokens)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.CONTROL if t in special else TokenType.NORMAL for t in tokens])
+    writer.add_token_merges(merges)
+    for key, value in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id)):
+        if value is not None:
+            getattr(writer, f"add_{key}_token_id")(int(value))
+    writer.add_add_bos_token(bool(tokenizer.add_bos))
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+    theirs = LLAMA_KEYS.inverse()
+    for key, tensor in model.state_dict().items():
+        if "lora_" in key:
+            continue  # merged into the weights
+        target = theirs.rename(key)
+        if target is None:
+            raise UnknownArchitectureError(f"cannot export to GGUF: tensor {key} has no llama.cpp name")
+        weight = tensor.detach().float()
+        if key.endswith("q_proj.weight"):
+            weight = _permute(weight, config.num_heads)
+        elif key.endswith("k_proj.weight"):
+            weight = _permute(weight, int(config.num_kv_heads or config.num_heads))
+        array = weight.contiguous().numpy()
+        kind = GGUF_TYPES[tensor_type] if array.ndim == 2 else "F32"
+        if kind == "F32":
+            writer.add_tensor(target, array)
+        elif kind == "F16":
+            writer.add_tensor(target, array.astype(np.float16))
+        else:
+            quant = getattr(GGMLQuantizationType, kind)
+            if array.shape[-1] % 32:
+                writer.add_tensor(target, array.astype(np.float16))  # blocks need 32 columns; keep f16
+            else:
+                writer.add_tensor(target, quantize(array, quant), raw_shape=array.shape, raw_dtype=quant)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

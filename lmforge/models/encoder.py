@@ -160,10 +160,11 @@ class Encoder(nn.Module):
             x = torch.cat([soft, x], dim=1)
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask.new_ones(x.shape[0], prompt), attention_mask], dim=1)
-        if attention_mask is not None and bool(attention_mask.all()):
+        exporting = torch.onnx.is_in_onnx_export()  # a traced graph: no host reads, no data-dependent shapes
+        if attention_mask is not None and not exporting and bool(attention_mask.all()):
             attention_mask = None
         mask = attention_mask_for_sdpa(attention_mask, x.shape[1], 0, causal=False)
-        packing = Packing(attention_mask) if attention_mask is not None else None
+        packing = Packing(attention_mask) if attention_mask is not None and not exporting else None
         if packing is not None:
             x = packing.unpad(x)  # (N, H), N = real tokens
         for block in self.layers:

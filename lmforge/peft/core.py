@@ -101,7 +101,9 @@ def _matches(name: str, pattern: str) -> bool:
 
 def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
     """Names of the linear layers matching any pattern; every pattern must match."""
-    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    from lmforge.deploy.quantize import QuantizedLinear
+
+    linear = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, QuantizedLinear))]
     found = {p: [n for n in linear if _matches(n, p)] for p in patterns}
     missing = [p for p, names in found.items() if not names]
     if missing:
@@ -136,7 +138,12 @@ def apply_peft(model: nn.Module, section: PeftSection) -> dict[str, Any]:
         chosen = find_targets(backbone, targets)
         for name in chosen:
             base = backbone.get_submodule(name)
-            assert isinstance(base, nn.Linear)
+            if not isinstance(base, nn.Linear):  # a quantised layer: LoRA trains beside its frozen integers
+                if section.method != "lora":
+                    raise ConfigError([f"peft.method={section.method}: a quantised model takes only LoRA "
+                                       f"({name} is quantised); use peft.method=lora or the fp32 model"])
+                base.add_lora(section.r, section.alpha, section.dropout, section.rslora)  # type: ignore[operator]
+                continue
             if section.method == "lora":
                 new: nn.Module = LoraLinear.wrap(base, section.r, section.alpha, section.dropout, section.rslora)
             elif section.method == "adalora":

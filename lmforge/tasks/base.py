@@ -281,9 +281,11 @@ def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 def pool(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """(B, H) sequence vector: [CLS] state, BERT pooler, masked mean, or the last real token
-    (decoders; ``auto`` picks cls for encoders and last for decoders)."""
+    (decoders). ``auto`` picks the BERT pooler when the encoder has one (as transformers'
+    ``BertForSequenceClassification`` does, so the model exports to it exactly), the [CLS]
+    state when it has none, and the last token for decoders."""
     if how == "auto":
-        how = "last" if model.causal else "cls"
+        how = "last" if model.causal else ("pooler" if getattr(model, "pooler", None) is not None else "cls")
     if how == "cls":
         return hidden[:, 0]
     if how == "pooler":

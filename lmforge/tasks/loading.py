@@ -28,6 +28,10 @@ def load_task_model(folder: str | Path, device: str | torch.device = "cpu") -> t
     if tokenizer is None:
         raise CorruptFileError(f"{folder}: tokenizer files are missing")
     task = make_task(spec, tokenizer)
+    if (folder / "model.onnx").exists():  # an ONNX export: scores from onnxruntime, on the CPU
+        from lmforge.deploy.onnx import OnnxObjective
+
+        return task, OnnxObjective(task, folder).eval()
     objective = task.objective(load_model(folder))
     head = getattr(objective, "head", None)
     if head is not None:
