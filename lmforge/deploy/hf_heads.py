@@ -1,7 +1,7 @@
 """Task models as Hugging Face folders that ``AutoModelFor...`` opens with the same logits.
 
     classify (pooler pooling)   -> BertForSequenceClassification  (bert.* + classifier)
-    pair                        -> BertForSequenceClassification  (one logit)
+    pair-score                  -> BertForSequenceClassification  (one logit)
     ner                         -> BertForTokenClassification     (bert.* + classifier)
     qa                          -> BertForQuestionAnswering       (bert.* + qa_outputs; start, end)
 
@@ -33,7 +33,7 @@ def hf_head_layout(task: Any, backbone: nn.Module) -> tuple[str, str, bool]:
     if not isinstance(backbone, Encoder):
         raise ConfigError([f"Hugging Face export of a {name} head holds BERT-family encoders only; this task "
                            f"model is on a {type(backbone).__name__} (export the backbone alone, or use ONNX)"])
-    if name in ("classify", "pair"):
+    if name in ("classify", "pair-score"):
         pooling = str(task.options.get("pooling", "auto"))
         uses_pooler = pooling == "pooler" or (pooling == "auto" and backbone.pooler is not None)
         if not uses_pooler:
@@ -45,8 +45,8 @@ def hf_head_layout(task: Any, backbone: nn.Module) -> tuple[str, str, bool]:
         return "BertForTokenClassification", "classifier", False
     if name == "qa":
         return "BertForQuestionAnswering", "qa_outputs", False
-    raise ConfigError([f"transformers has no model class for lmforge's {name} head (entity-marker pairs); "
-                       "export it to ONNX instead"])
+    raise ConfigError([f"transformers has no model class for lmforge's {name} head"
+                       " (entity-marker pairs); export it to ONNX instead"])
 
 
 def save_hf_task(task: Any, backbone: nn.Module, head: nn.Module, folder: str | Path, tokenizer: Any) -> Path:
@@ -66,7 +66,7 @@ def save_hf_task(task: Any, backbone: nn.Module, head: nn.Module, folder: str | 
     if task.name == "classify":
         config["problem_type"] = PROBLEM_TYPES[task.problem]
         config["num_labels"] = 1 if task.problem == "regression" else len(labels)
-    elif task.name == "pair":
+    elif task.name == "pair-score":
         config["num_labels"] = 1
     elif task.name == "qa":
         config["num_labels"] = 2
@@ -85,4 +85,4 @@ def hf_logits(output: Any, task_name: str) -> torch.Tensor:
     if task_name == "qa":
         return torch.stack([output.start_logits, output.end_logits], dim=-1)
     logits = output.logits
-    return logits.squeeze(-1) if task_name == "pair" else logits
+    return logits.squeeze(-1) if task_name == "pair-score" else logits

@@ -36,8 +36,11 @@ class _Graph(nn.Module):
         super().__init__()
         self.inner, self.names, self.task = inner, names, task
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        batch = dict(zip(self.names, tensors, strict=True))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                e1: torch.Tensor | None = None, e2: torch.Tensor | None = None) -> torch.Tensor:
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                 "e1": e1, "e2": e2}
+        batch = {name: given[name] for name in self.names}
         if self.task:
             return self.inner(batch, scores_only=True)  # type: ignore[no-any-return]
         if getattr(self.inner, "causal", False):
@@ -84,11 +87,11 @@ def export_graph(inner: nn.Module, backbone: nn.Module, task_name: str | None, p
     graph = _Graph(inner, names, task=task_name is not None).eval()
     sample = sample_inputs(names, backbone.config.vocab_size)  # type: ignore[union-attr]
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    shapes = tuple({0: batch} if name in ("e1", "e2") else {0: batch, 1: sequence} for name in names)
+    shapes = {name: {0: batch} if name in ("e1", "e2") else {0: batch, 1: sequence} for name in names}
     output = "scores" if task_name else ("logits" if getattr(backbone, "causal", False) else "hidden_states")
     with warnings.catch_warnings(), _quiet_exporter(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(graph, tuple(sample.values()), dynamo=True, input_names=names,
+        program = torch.onnx.export(graph, (), kwargs=sample, dynamo=True, input_names=names,
                                     output_names=[output], dynamic_shapes=shapes, opset_version=OPSET,
                                     verbose=False)
         program.save(str(path))
@@ -135,7 +138,7 @@ def check_parity(inner: nn.Module, graph: Any, names: list[str], vocab_size: int
     sample = sample_inputs(names, vocab_size, batch=3, length=21)
     with torch.no_grad():
         expected = inner(sample, scores_only=True) if isinstance(inner, TaskObjective) else _Graph(
-            inner, names, task=False)(*sample.values())
+            inner, names, task=False)(**sample)
     found = run_session(graph, names, sample)
     if found.shape != expected.shape:
         raise CorruptFileError(f"ONNX output shape {tuple(found.shape)} differs from torch's {tuple(expected.shape)}")

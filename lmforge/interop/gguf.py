@@ -304,7 +304,7 @@ def save_gguf(model: nn.Module, tokenizer: Tokenizer | None, path: str | Path, t
             if array.shape[-1] % 32:
                 writer.add_tensor(target, array.astype(np.float16))  # blocks need 32 columns; keep f16
             else:
-                writer.add_tensor(target, quantize(array, quant), raw_shape=array.shape, raw_dtype=quant)
+                writer.add_tensor(target, quantize(array, quant), raw_dtype=quant)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -1,0 +1,113 @@
+"""Exports other runtimes open with the same numbers: ONNX through onnxruntime, Hugging Face
+folders through transformers' AutoModelFor..., GGUF read back by gguf and by lmforge; what a
+format cannot hold is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.checkpoint import load_pretrained
+from lmforge.cli import main
+from lmforge.deploy import export_model, quantize_folder
+from lmforge.deploy.hf_heads import hf_logits
+from lmforge.errors import ConfigError, UnknownArchitectureError
+from lmforge.recipes.finetune import evaluate_model, load_task_model, predict_file
+from lmforge.tasks.base import BucketedLoader
+
+
+def _batch(task_run: Path, data: Path, size: int = 8) -> tuple[object, dict[str, torch.Tensor]]:
+    task, objective = load_task_model(task_run)
+    examples = task.read([str(data)], "test")
+    features = task.encode_all(examples)[:size]
+    batch = next(iter(BucketedLoader(features, size, task.tokenizer.pad_id or 0, shuffle=False)))
+    return task, objective, batch
+
+
+@pytest.mark.parametrize("name", ["classify", "ner", "qa", "relation", "pair-score"])
+def test_onnx_export_matches_torch_for_every_task(name: str, task_runs: dict, tmp_path: Path) -> None:
+    run, held_out = task_runs[name]
+    summary = export_model(run, "onnx", tmp_path / "onnx")
+    assert summary["parity_max_abs"] <= 1e-4
+    task, objective, batch = _batch(run, held_out)
+    _, onnx_objective = load_task_model(tmp_path / "onnx")
+    with torch.no_grad():
+        expected = objective(batch, scores_only=True)
+    found = onnx_objective(batch, scores_only=True)
+    if found.dim() == 3:  # per-token scores: padding positions are never read
+        keep = batch["attention_mask"].bool()
+        found, expected = found[keep], expected[keep]
+    assert torch.allclose(found, expected, atol=1e-4)
+
+
+def test_onnx_folders_evaluate_like_the_torch_model(task_runs: dict, tmp_path: Path) -> None:
+    run, held_out = task_runs["classify"]
+    torch_metrics = evaluate_model(run, [str(held_out)], progress=False, device="cpu")
+    assert main(["export", "--model", str(run), "--format", "onnx", "--output", str(tmp_path / "onnx")]) == 0
+    onnx_metrics = evaluate_model(tmp_path / "onnx", [str(held_out)], progress=False)
+    assert onnx_metrics["accuracy"] == pytest.approx(torch_metrics["accuracy"])
+    quantize_folder(run, "onnx-int8", tmp_path / "onnx-int8")
+    int8_metrics = evaluate_model(tmp_path / "onnx-int8", [str(held_out)], progress=False)
+    assert abs(int8_metrics["accuracy"] - torch_metrics["accuracy"]) <= 0.05
+    assert (tmp_path / "onnx-int8" / "model.onnx").stat().st_size < (tmp_path / "onnx" / "model.onnx").stat().st_size
+    assert predict_file(tmp_path / "onnx-int8", [str(held_out)], tmp_path / "p.jsonl", progress=False) > 0
+
+
+@pytest.mark.parametrize("name", ["classify", "ner", "qa", "pair-score"])
+def test_hf_export_opens_in_transformers_with_the_same_logits(name: str, task_runs: dict, tmp_path: Path) -> None:
+    from transformers import (AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
+                              AutoModelForTokenClassification)
+
+    run, held_out = task_runs[name]
+    export_model(run, "hf", tmp_path / "hf")
+    opener = {"classify": AutoModelForSequenceClassification, "pair-score": AutoModelForSequenceClassification,
+              "ner": AutoModelForTokenClassification, "qa": AutoModelForQuestionAnswering}[name]
+    theirs = opener.from_pretrained(tmp_path / "hf").eval()
+    task, objective, batch = _batch(run, held_out)
+    with torch.no_grad():
+        expected = objective(batch, scores_only=True)
+        found = hf_logits(theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 token_type_ids=batch.get("token_type_ids")), task.name)
+    if found.dim() == 3:
+        keep = batch["attention_mask"].bool()
+        found, expected = found[keep], expected[keep]
+    assert torch.allclose(found, expected, atol=1e-4)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    if name in ("classify", "ner"):
+        assert list(config["id2label"].values()) == task.spec.labels
+
+
+def test_what_a_format_cannot_hold_is_refused_before_writing(task_runs: dict, tiny_encoder_dir: Path,
+                                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match="no model class"):
+        export_model(task_runs["relation"][0], "hf", tmp_path / "relation")
+    with pytest.raises(UnknownArchitectureError, match="Llama-family"):
+        export_model(tiny_encoder_dir, "gguf", tmp_path / "encoder.gguf")
+    assert main(["export", "--model", str(task_runs["classify"][0]), "--format", "gguf",
+                 "--output", str(tmp_path / "task.gguf")]) == 2
+    assert "task heads" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written, no temporary left
+
+
+def test_gguf_export_reads_back_through_gguf_and_lmforge(tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    from gguf import GGUFReader
+
+    model, tokenizer = load_pretrained(tiny_decoder_dir)
+    export_model(tiny_decoder_dir, "gguf", tmp_path / "m.gguf", gguf_type="f32")
+    reader = GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert len(reader.tensors) == len(model.state_dict())
+    again, again_tokenizer = load_pretrained(tmp_path / "m.gguf")
+    text = "reverse: anna boris chen"
+    assert again_tokenizer.encode(text) == tokenizer.encode(text)
+    ids = torch.tensor([tokenizer.encode(text)])
+    with torch.no_grad():
+        assert torch.allclose(again.logits(again(ids)), model.logits(model(ids)), atol=1e-5)
+    export_model(tiny_decoder_dir, "gguf", tmp_path / "q8.gguf", gguf_type="q8_0")
+    q8, _ = load_pretrained(tmp_path / "q8.gguf")
+    with torch.no_grad():
+        close = torch.nn.functional.cosine_similarity(q8.logits(q8(ids)).flatten(), model.logits(model(ids)).flatten(), 0)
+    assert close > 0.99
