@@ -433,6 +433,38 @@ def export(model: str, output: str, format: Literal["hf", "onnx", "gguf"] = "hf"
     print(f"{format} -> {output}{parity}")
 
 
+def prune(model: str, output: str, data: list[str], heads: float = 0.0, ffn: float = 0.0, recover_steps: int = 0,
+          recover_lr: float = 5e-5, sparsity: float = 0.5, eval_data: list[str] | None = None, batch_size: int = 16,
+          overwrite: bool = False) -> None:
+    """Prune a model: structured for a fine-tuned encoder (attention heads and FFN neurons ranked
+    by gradient importance on DATA and physically removed, then a short recovery fine-tune), or
+    Wanda 50% unstructured for a decoder language model (perplexity reported; no speed-up
+    without sparse kernels).
+
+    Args:
+        model: a fine-tuned encoder run, or a decoder (lmforge/Hugging Face folder or .gguf).
+        output: the folder to write (atomically).
+        data: labeled task files (encoders) or text files (decoder calibration).
+        heads: fraction of all attention heads to remove (every layer keeps one).
+        ffn: fraction of all FFN neurons to remove.
+        recover_steps: fine-tuning steps after pruning.
+        recover_lr: learning rate of the recovery fine-tune.
+        sparsity: decoders: fraction of each layer's weights set to zero.
+        eval_data: held-out files to measure before/after (labeled for encoders, text for decoders).
+        batch_size: examples per step for importance and recovery.
+        overwrite: replace an existing output folder.
+    """
+    import json as json_module
+
+    from lmforge.deploy import prune_folder
+
+    summary = prune_folder(model, output, data, heads, ffn, recover_steps, recover_lr, sparsity, eval_data,
+                           batch_size, overwrite, progress=True)
+    shown = {k: v for k, v in summary.items() if k not in ("heads_removed",)}
+    print(json_module.dumps(shown, indent=1))
+    print(f"pruned -> {output}")
+
+
 COMMANDS: dict[str, Any] = {
     "report": report,
     "evaluate": evaluate,
@@ -444,6 +476,7 @@ COMMANDS: dict[str, Any] = {
     "pipeline": {"run": pipeline_run},
     "quantize": quantize,
     "export": export,
+    "prune": prune,
 }
 
 

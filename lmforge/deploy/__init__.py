@@ -198,3 +198,78 @@ def _export_onnx(source: Source, output: Path, int8: bool) -> dict[str, Any]:
         if source.is_task:
             write_json(tmp / "task.json", source.task.spec.to_dict())
     return {"format": "onnx", "output": str(output), **record}
+
+
+def prune_folder(model: str | Path, output: str | Path, data: list[str], heads: float = 0.0, ffn: float = 0.0,
+                 recover_steps: int = 0, recover_lr: float = 5e-5, sparsity: float = 0.5,
+                 eval_data: list[str] | None = None, batch_size: int = 16, overwrite: bool = False,
+                 progress: bool = False) -> dict[str, Any]:
+    """Structured pruning of a fine-tuned encoder (``heads``/``ffn`` fractions, ranked on
+    ``data``, then ``recover_steps`` of fine-tuning), or Wanda ``sparsity`` for a decoder
+    language model (calibrated on ``data`` text). Returns the summary (also in prune.json)."""
+    import torch
+
+    from lmforge.deploy import prune as P
+    from lmforge.models import Encoder
+
+    output = Path(output)
+    _refuse_existing(output, overwrite)
+    source = open_source(model)
+    from lmforge.deploy.quantize import is_quantized
+
+    if is_quantized(source.model):
+        raise ConfigError([f"{model}: prune the fp32 model, then quantise the pruned one"])
+    if getattr(source.model, "causal", False) and not source.is_task:
+        from lmforge.data.sources import read_documents
+
+        P.choose_removals([torch.zeros(2)], 0.0, "heads")  # nothing structured for decoders
+        texts = list(read_documents(data, text_mode="lines"))
+        calibration = P.token_batches(source.tokenizer, texts, 128, 32)
+        held_texts = list(read_documents(eval_data, text_mode="lines")) if eval_data else texts
+        held_out = P.token_batches(source.tokenizer, held_texts[::-1], 128, 16)
+        before = P.perplexity(source.model, held_out)
+        summary: dict[str, Any] = {"method": "wanda", **P.wanda(source.model, calibration, sparsity)}
+        summary.update(perplexity_before=before, perplexity_after=P.perplexity(source.model, held_out),
+                       note="zeros in dense matrices: the folder is not smaller and nothing runs faster "
+                            "without sparse kernels")
+        write_like(source, source.model, output, extra={"pruning": summary})
+        return summary
+    if not source.is_task or not isinstance(source.model, Encoder):
+        raise ConfigError([f"{model}: structured pruning ranks the heads of a fine-tuned BERT-family encoder by "
+                           "its task loss; give a fine-tuned encoder run (decoder language models take Wanda "
+                           "--sparsity)"])
+    layers = source.model.layers
+    P.choose_removals([torch.zeros(layer.attention.num_heads) for layer in layers], heads, "heads")
+    P.choose_removals([torch.zeros(layer.intermediate.out_features) for layer in layers], ffn, "ffn")
+    task, objective = source.task, source.objective
+    features = task.encode_all(task.read(data, "train"))
+    evaluation = None
+    if eval_data:
+        evaluation = task.read(eval_data, "validation")
+        evaluation = (evaluation, task.encode_all(evaluation))
+
+    def measure() -> dict[str, float] | None:
+        if evaluation is None:
+            return None
+        metrics, _ = task.evaluate(objective, evaluation[0], evaluation[1], 64)
+        return metrics
+
+    parameters_before = sum(p.numel() for p in source.model.parameters())
+    metrics_before = measure()
+    head_scores, neuron_scores = P.unit_importance(objective, task, features, batch_size, progress=progress)
+    head_cut = P.choose_removals(head_scores, heads, "heads")
+    neuron_cut = P.choose_removals(neuron_scores, ffn, "ffn")
+    objective.model = P.prune_encoder(source.model, head_cut, neuron_cut)
+    metrics_pruned = measure()
+    losses = P.recover(objective, task, features, recover_steps, recover_lr, batch_size, progress=progress)
+    summary = {
+        "method": "structured", "heads_removed": head_cut, "neurons_removed": sum(len(n) for n in neuron_cut),
+        "heads_per_layer": [layer.attention.num_heads for layer in objective.model.layers],
+        "intermediate_per_layer": [layer.intermediate.out_features for layer in objective.model.layers],
+        "parameters_before": parameters_before,
+        "parameters_after": sum(p.numel() for p in objective.model.parameters()),
+        "recover_steps": recover_steps, "recover_loss_last": losses[-1] if losses else None,
+        "metrics_before": metrics_before, "metrics_pruned": metrics_pruned, "metrics_recovered": measure(),
+    }
+    write_like(source, objective.model.eval(), output, extra={"pruning": summary}, head=objective.head)
+    return summary

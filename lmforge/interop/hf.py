@@ -106,6 +106,9 @@ def _bert_config(hf: dict[str, Any], source: str) -> EncoderConfig:
 
 
 def _bert_hf_config(config: EncoderConfig) -> dict[str, Any]:
+    if config.heads_per_layer or config.intermediate_per_layer:
+        raise UnknownArchitectureError("a pruned encoder has layers of different sizes; transformers' BertConfig "
+                                       "holds one head count and one FFN size for all layers (export it to ONNX)")
     return {
         "model_type": "bert", "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,

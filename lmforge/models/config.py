@@ -75,6 +75,9 @@ class EncoderConfig(_ConfigMixin):
     add_pooler: bool = True
     initializer_range: float = 0.02
     family: Literal["encoder"] = "encoder"
+    # after structured pruning: attention heads and FFN sizes per layer (None: the same everywhere)
+    heads_per_layer: list[int] | None = None
+    intermediate_per_layer: list[int] | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -90,6 +93,11 @@ class EncoderConfig(_ConfigMixin):
             problems.append(
                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
             )
+        for name in ("heads_per_layer", "intermediate_per_layer"):
+            sizes = getattr(self, name)
+            if sizes is not None and (len(sizes) != self.num_layers or any(
+                    not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in sizes)):
+                problems.append(f"{name}={sizes!r}: must be {self.num_layers} positive integers (one per layer)")
         if self.family != "encoder":
             problems.append(f"family={self.family!r}: must be 'encoder'")
         if problems:
@@ -98,6 +106,14 @@ class EncoderConfig(_ConfigMixin):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def heads(self, layer: int) -> int:
+        """Attention heads of one layer (fewer than ``num_heads`` after pruning)."""
+        return self.heads_per_layer[layer] if self.heads_per_layer else self.num_heads
+
+    def intermediate(self, layer: int) -> int:
+        """FFN width of one layer."""
+        return self.intermediate_per_layer[layer] if self.intermediate_per_layer else self.intermediate_size
 
 
 @dataclass

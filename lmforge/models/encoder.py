@@ -65,16 +65,18 @@ class Embeddings(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: EncoderConfig, layer_index: int = 0) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
+        self.num_heads = config.heads(layer_index)
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+        width = self.num_heads * self.head_dim  # hidden_size unless heads were pruned
+        self.query = nn.Linear(config.hidden_size, width)
+        self.key = nn.Linear(config.hidden_size, width)
+        self.value = nn.Linear(config.hidden_size, width)
+        self.output = nn.Linear(width, config.hidden_size)
         self.prefix: Any = None  # prefix tuning: a callable giving (keys, values), each (heads, P, hd)
+        self.head_mask: torch.Tensor | None = None  # (nh,) multiplies each head's output (importance probes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
         """x is (B, T, H), or (N, H) real-token rows when ``packing`` is given."""
@@ -90,24 +92,30 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hd)
+        if self.head_mask is not None:
+            y = y * self.head_mask[None, :, None, None]
         y = y.transpose(1, 2).reshape(B, T, H)
         return self.output(packing.unpad(y) if packing is not None else y)
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: EncoderConfig, layer_index: int = 0) -> None:
         super().__init__()
-        self.attention = Attention(config)
+        self.attention = Attention(config, layer_index)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate(layer_index))
+        self.output = nn.Linear(config.intermediate(layer_index), config.hidden_size)
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.act = activation(config.hidden_act)
         self.dropout = Dropout(config.hidden_dropout)
+        self.ffn_mask: torch.Tensor | None = None  # (intermediate,) multiplies each FFN neuron (importance probes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
         x = self.attention_norm(x + self.dropout(self.attention(x, mask, packing)))
-        return self.output_norm(x + self.dropout(self.output(self.act(self.intermediate(x)))))
+        inner = self.act(self.intermediate(x))
+        if self.ffn_mask is not None:
+            inner = inner * self.ffn_mask
+        return self.output_norm(x + self.dropout(self.output(inner)))
 
 
 class Encoder(nn.Module):
@@ -117,7 +125,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(EncoderBlock(config, i) for i in range(config.num_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if config.add_pooler else None
         self.prompt: nn.Module | None = None  # prompt tuning: soft embeddings put before the tokens
         init_weights(self, config.initializer_range)
