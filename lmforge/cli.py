@@ -465,6 +465,42 @@ def prune(model: str, output: str, data: list[str], heads: float = 0.0, ffn: flo
     print(f"pruned -> {output}")
 
 
+def distill(teacher: str, output: str, data: list[str], student_layers: int | None = None, student: str | None = None,
+            steps: int | None = None, epochs: float = 3.0, lr: float | None = None, temperature: float = 2.0,
+            soft_weight: float = 1.0, hidden_weight: float = 1.0, relation_weight: float = 1.0,
+            batch_size: int = 32, eval_data: list[str] | None = None, seed: int = 0, overwrite: bool = False) -> None:
+    """Distil a fine-tuned encoder into a smaller student: soft targets at a temperature, mapped
+    hidden states and MiniLM self-attention relations; unlabeled data in the task's format works.
+
+    Args:
+        teacher: a fine-tuned encoder run.
+        output: the student's folder (a task model that evaluate and predict take).
+        data: task files (labels not needed): the transfer set.
+        student_layers: a student of K layers taken from the teacher (evenly spaced, ending at the last).
+        student: or a preset name (bert-tiny, bert-mini, ...) for a fresh student.
+        steps: training steps (default: --epochs over the data).
+        epochs: passes over the data when --steps is not given.
+        lr: learning rate (default 1e-4 for a student from teacher layers, 5e-4 for a fresh one).
+        temperature: softmax temperature of the soft targets.
+        soft_weight: weight of the soft-target loss.
+        hidden_weight: weight of the hidden-state loss.
+        relation_weight: weight of the self-attention relation loss.
+        batch_size: examples per step.
+        eval_data: labeled files: teacher and student metrics are reported.
+        seed: random seed.
+        overwrite: replace an existing output folder.
+    """
+    import json as json_module
+
+    from lmforge.deploy import distill_folder
+
+    summary = distill_folder(teacher, output, data, student_layers, student, steps, epochs, lr, temperature,
+                             soft_weight, hidden_weight, relation_weight, batch_size, eval_data, seed, overwrite,
+                             progress=True)
+    print(json_module.dumps(summary, indent=1))
+    print(f"student -> {output}")
+
+
 COMMANDS: dict[str, Any] = {
     "report": report,
     "evaluate": evaluate,
@@ -477,6 +513,7 @@ COMMANDS: dict[str, Any] = {
     "quantize": quantize,
     "export": export,
     "prune": prune,
+    "distill": distill,
 }
 
 

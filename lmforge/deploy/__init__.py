@@ -273,3 +273,47 @@ def prune_folder(model: str | Path, output: str | Path, data: list[str], heads: 
     }
     write_like(source, objective.model.eval(), output, extra={"pruning": summary}, head=objective.head)
     return summary
+
+
+def distill_folder(teacher: str | Path, output: str | Path, data: list[str], student_layers: int | None = None,
+                   student: str | None = None, steps: int | None = None, epochs: float = 3.0,
+                   lr: float | None = None, temperature: float = 2.0, soft_weight: float = 1.0,
+                   hidden_weight: float = 1.0, relation_weight: float = 1.0, batch_size: int = 32,
+                   eval_data: list[str] | None = None, seed: int = 0, overwrite: bool = False,
+                   progress: bool = False) -> dict[str, Any]:
+    """Distil a fine-tuned encoder into a smaller student (see ``lmforge.deploy.distill``);
+    ``data`` needs the task's inputs only (labels, if present, are not used)."""
+    import torch
+
+    from lmforge.deploy import distill as D
+    from lmforge.tasks.base import steps_for_epochs
+
+    output = Path(output)
+    _refuse_existing(output, overwrite)
+    source = open_source(teacher)
+    if not source.is_task:
+        raise ConfigError([f"{teacher}: distillation needs a fine-tuned task run as the teacher"])
+    task = source.task
+    torch.manual_seed(seed)
+    student_objective = D.build_student(source.objective, task, student_layers, student)
+    features = task.encode_all(task.read(data, "train", labeled=False), labeled=False)
+    steps = steps or steps_for_epochs(epochs, len(features), batch_size)
+    lr = lr or (1e-4 if student_layers is not None else 5e-4)
+    weights = D.DistillWeights(soft_weight, hidden_weight, relation_weight, temperature)
+    losses = D.distill(source.objective, student_objective, task, features, steps, lr, weights, batch_size, seed,
+                       progress)
+    summary: dict[str, Any] = {
+        "student_layers": student_objective.model.config.num_layers, "student": student,
+        "teacher_layers_used": D.teacher_layers(source.model.config.num_layers,  # type: ignore[union-attr]
+                                                student_objective.model.config.num_layers),
+        "steps": steps, "lr": lr, "weights": weights.__dict__, "loss_first": losses[0], "loss_last": losses[-1],
+        "parameters_teacher": sum(p.numel() for p in source.model.parameters()),
+        "parameters_student": sum(p.numel() for p in student_objective.model.parameters()),
+    }
+    if eval_data:
+        examples = task.read(eval_data, "validation")
+        encoded = task.encode_all(examples)
+        summary["metrics_teacher"], _ = task.evaluate(source.objective, examples, encoded, 64)
+        summary["metrics_student"], _ = task.evaluate(student_objective, examples, encoded, 64)
+    write_like(source, student_objective.model, output, extra={"distillation": summary}, head=student_objective.head)
+    return summary
