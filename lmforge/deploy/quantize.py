@@ -219,6 +219,12 @@ class QuantizedLinear(nn.Module):
         return self
 
     @property
+    def dense_weight(self) -> bool:
+        """True when forward is exactly ``F.linear(x, weight, bias)`` on a dense weight made
+        at load, so the decoder may fuse and re-lay it out as it does a Linear's."""
+        return self.kernel == "dequant" and self.lora_A is None
+
+    @property
     def weight(self) -> torch.Tensor:
         """The weight as the other layers see it (fp32, dequantised)."""
         return self.runtime if self.kernel == "dequant" else self.dequantized()

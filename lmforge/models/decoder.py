@@ -31,6 +31,7 @@ from lmforge.models.layers import (
     apply_rotary,
     attention_mask_for_sdpa,
     fuse_linears,
+    is_dense_linear,
     fused_is_current,
     init_weights,
     with_prefix,
@@ -189,17 +190,18 @@ class Decoder(nn.Module):
         for block in self.layers:
             attention, mlp = block.self_attn, block.mlp
             qkv = [attention.q_proj, attention.k_proj, attention.v_proj]
-            if all(type(m) is nn.Linear for m in qkv):
+            if all(is_dense_linear(m) for m in qkv):
                 if not fused_is_current(attention.fused_qkv[0] if attention.fused_qkv else None, qkv):
                     attention.fused_qkv = fuse_linears(qkv, column_major)
                 fused.update(map(id, qkv))
             gate_up = [mlp.gate_proj, mlp.up_proj] if mlp.gated else []
-            if gate_up and all(type(m) is nn.Linear for m in gate_up):
+            if gate_up and all(is_dense_linear(m) for m in gate_up):
                 if not fused_is_current(mlp.fused_gate_up[0] if mlp.fused_gate_up else None, gate_up):
                     mlp.fused_gate_up = fuse_linears(gate_up, column_major)
                 fused.update(map(id, gate_up))
         for module in self.modules():
-            if (isinstance(module, nn.Linear) or module is self.embed_tokens) and id(module) not in fused:
+            if (isinstance(module, nn.Linear) or is_dense_linear(module) or module is self.embed_tokens) \
+                    and id(module) not in fused:
                 weight = module.weight
                 out_features, in_features = weight.shape
                 wants_columns = column_major and out_features >= in_features

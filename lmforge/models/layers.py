@@ -140,6 +140,13 @@ class KVCache:
         self.length += steps
 
 
+def is_dense_linear(module: nn.Module) -> bool:
+    """A plain Linear, or a layer that computes exactly ``F.linear(x, weight, bias)`` with a
+    dense ``weight`` tensor it says it has (``dense_weight``: a quantised layer whose weights
+    were dequantised at load), so its weight may be re-laid out or fused."""
+    return type(module) is nn.Linear or bool(getattr(module, "dense_weight", False))
+
+
 def fuse_linears(linears: list[nn.Linear], column_major: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Re-store several Linear layers that read the same input as row blocks of one
     (sum(out), in) matrix, so one product computes all of them.
@@ -177,7 +184,7 @@ def fused_is_current(fused: torch.Tensor | None, linears: list[nn.Module]) -> bo
         return False
     row = 0
     for layer in linears:
-        if type(layer) is not nn.Linear:
+        if not is_dense_linear(layer):
             return False
         if layer.weight.data_ptr() != fused.data_ptr() + row * fused.stride(0) * fused.element_size():
             return False

