@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError, CorruptFileError
-from lmforge.fileio import read_json, write_json
+from lmforge.fileio import read_json
 from lmforge.tasks.base import TaskObjective
 
 OPSET = 18

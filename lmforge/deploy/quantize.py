@@ -103,7 +103,7 @@ def _timed(function: Callable[[], Any], budget_s: float = 0.02) -> float:
     return best
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def choose_kernel(bits: int, dynamic: bool, in_features: int, out_features: int) -> str:
     """The fastest kernel on this machine for one layer shape, measured once per process:
     ``dequant`` (fp32 weights made once at load), ``fbgemm`` (dynamic int8) or ``int4pack``

@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as RustTokenizer
+from torch import nn
 
 from lmforge.errors import CorruptFileError, TokenizerError, UnknownArchitectureError
 from lmforge.interop.keymap import KeyMap

@@ -31,9 +31,9 @@ from lmforge.models.layers import (
     apply_rotary,
     attention_mask_for_sdpa,
     fuse_linears,
-    is_dense_linear,
     fused_is_current,
     init_weights,
+    is_dense_linear,
     with_prefix,
 )
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tasks.conftest import (  # noqa: F401  (fixtures shared with the task tests)
-    ner, pairs, qa, relation, sentiment, tiny_decoder_dir, tiny_encoder_dir, write_jsonl)
+from tests.tasks.conftest import ner, pairs, qa, relation, sentiment, tiny_decoder_dir, tiny_encoder_dir, write_jsonl  # noqa: F401  (shared fixtures)
 from tests.tasks.helpers import finetune
 
 MAKERS = {"classify": (sentiment, 320), "ner": (ner, 120), "qa": (qa, 60), "relation": (relation, 90),
@@ -15,7 +14,8 @@ MAKERS = {"classify": (sentiment, 320), "ner": (ner, 120), "qa": (qa, 60), "rela
 
 
 @pytest.fixture(scope="session")
-def task_runs(tiny_encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+def task_runs(tiny_encoder_dir: Path,  # noqa: F811
+              tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     """task -> (run folder, held-out data file); the classifier is trained to learn, the
     others take a few steps (enough for non-trivial heads)."""
     root = tmp_path_factory.mktemp("deploy-runs")

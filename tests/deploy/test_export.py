@@ -58,8 +58,7 @@ def test_onnx_folders_evaluate_like_the_torch_model(task_runs: dict, tmp_path: P
 
 @pytest.mark.parametrize("name", ["classify", "ner", "qa", "pair-score"])
 def test_hf_export_opens_in_transformers_with_the_same_logits(name: str, task_runs: dict, tmp_path: Path) -> None:
-    from transformers import (AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
-                              AutoModelForTokenClassification)
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     run, held_out = task_runs[name]
     export_model(run, "hf", tmp_path / "hf")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lmforge.checkpoint import load_model, load_pretrained, save_model
 from lmforge.cli import main
 from lmforge.deploy import quantize_folder as quantize
-from lmforge.deploy.quantize import QuantizedLinear, quantize_model, quantize_groups_int4, unpack_int4
+from lmforge.deploy.quantize import QuantizedLinear, quantize_groups_int4, quantize_model, unpack_int4
 from lmforge.errors import ConfigError
 from lmforge.peft import PeftSection, apply_peft
 from lmforge.recipes.finetune import evaluate_model, predict_file
