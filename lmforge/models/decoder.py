@@ -288,7 +288,8 @@ class Decoder(nn.Module):
             raise ValueError("prompt tuning does not combine with packed document masks")
         B, T = x.shape[:2]
         past = cache.length if cache is not None else 0
-        if attention_mask is not None and bool(attention_mask.all()):
+        exporting = torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()  # traced: no host reads
+        if attention_mask is not None and not exporting and bool(attention_mask.all()):
             attention_mask = None  # no padding: take the fast causal path
         counted_positions = position_ids is None  # then no position exceeds past + T - 1
         if position_ids is None and document_ids is not None:

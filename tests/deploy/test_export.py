@@ -110,3 +110,21 @@ def test_gguf_export_reads_back_through_gguf_and_lmforge(tiny_decoder_dir: Path,
     with torch.no_grad():
         close = torch.nn.functional.cosine_similarity(q8.logits(q8(ids)).flatten(), model.logits(model(ids)).flatten(), 0)
     assert close > 0.99
+
+
+def test_bare_encoder_and_decoder_export_to_onnx(tiny_encoder_dir: Path, tiny_decoder_dir: Path, tmp_path: Path) -> None:
+    from lmforge.deploy.onnx import run_session, session
+
+    for folder, output in ((tiny_encoder_dir, "hidden_states"), (tiny_decoder_dir, "logits")):
+        summary = export_model(folder, "onnx", tmp_path / folder.name)
+        assert summary["output"] == output and summary["parity_max_abs"] <= 1e-4
+        model, tokenizer = load_pretrained(folder)
+        ids = torch.tensor([tokenizer.encode("reverse: anna boris"), tokenizer.encode("the film was good")[:5]
+                            + [0] * (len(tokenizer.encode("reverse: anna boris")) - 5)])
+        mask = (torch.arange(ids.shape[1])[None] < torch.tensor([[ids.shape[1]], [5]])).long()
+        found = run_session(session(tmp_path / folder.name / "model.onnx"), summary["inputs"],
+                            {"input_ids": ids, "attention_mask": mask})
+        with torch.no_grad():
+            hidden = model(ids, mask)
+            expected = model.logits(hidden) if model.causal else hidden
+        assert torch.allclose(found[mask.bool()], expected[mask.bool()], atol=1e-4)
