@@ -138,27 +138,36 @@ def resolve_precision(spec: str = "auto", device: torch.device | str = "cpu") ->
 
 
 @functools.cache
-def cpu_bf16_speedup(size: int = 256, budget_s: float = 0.03) -> float:
+def cpu_bf16_speedup(size: int = 256, budget_s: float = 0.03, rounds: int = 3) -> float:
     """fp32 time / bf16 time of a (size x size) linear layer product on this CPU (the
-    kernel models run): > 1 where bf16 is faster. Each side runs for at most ``budget_s``
-    (the best repetition counts), so the probe stays short on every machine, emulated
-    bf16 included. Cached for the process."""
-    fp32 = _best_matmul_seconds(torch.float32, size, budget_s)
-    bf16 = _best_matmul_seconds(torch.bfloat16, size, budget_s)
-    return fp32 / bf16
-
-
-def _best_matmul_seconds(dtype: torch.dtype, size: int, budget_s: float) -> float:
+    kernel models run): > 1 where bf16 is faster. The two sides alternate over ``rounds``
+    rounds, each side running for ``budget_s / rounds`` and at least 3 times a round
+    (unless one product alone takes longer), and the best repetition of each side counts: another process busy on the same
+    cores for a moment then slows both sides alike instead of deciding the result (it
+    once made one-shot timing pick emulated bf16, 20x slower, on an AVX2 CPU). Emulated
+    bf16 stays short too. Cached for the process."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator).to(dtype)
-    b = torch.randn(size, size, generator=generator).to(dtype)
-    F.linear(a, b)  # warm-up (thread pool, packing)
-    best, started = float("inf"), time.perf_counter()
+    pairs = {dtype: (torch.randn(size, size, generator=generator).to(dtype),
+                     torch.randn(size, size, generator=generator).to(dtype))
+             for dtype in (torch.float32, torch.bfloat16)}
+    best = {dtype: float("inf") for dtype in pairs}
+    for dtype, (a, b) in pairs.items():
+        F.linear(a, b)  # warm-up (thread pool, packing)
+    for _ in range(rounds):
+        for dtype, (a, b) in pairs.items():
+            best[dtype] = min(best[dtype], _best_matmul_seconds(a, b, budget_s / rounds))
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def _best_matmul_seconds(a: torch.Tensor, b: torch.Tensor, budget_s: float, at_least: int = 3) -> float:
+    best, started, runs = float("inf"), time.perf_counter(), 0
     while True:
         begin = time.perf_counter()
         F.linear(a, b)
         best = min(best, time.perf_counter() - begin)
-        if time.perf_counter() - started > budget_s:
+        runs += 1
+        elapsed = time.perf_counter() - started
+        if (runs >= at_least and elapsed > budget_s) or elapsed > 2 * budget_s:  # a slow side stops early
             return best
 
 
