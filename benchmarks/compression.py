@@ -44,7 +44,7 @@ def weights_megabytes(folder: Path) -> float:
     return sum((folder / n).stat().st_size for n in names if (folder / n).exists()) / 1e6
 
 
-def teacher_run(work: Path, given: str | None) -> Path:
+def teacher_run(work: Path, given: str | None, corpus: str = CORPUS) -> Path:
     if given:
         return Path(given)
     run = work / "teacher"
@@ -52,7 +52,7 @@ def teacher_run(work: Path, given: str | None) -> Path:
         return run
     from lmforge.recipes.finetune import finetune
 
-    finetune("classify", str(minilm_dir()), CORPUS, run, validation=CORPUS, test=None,
+    finetune("classify", str(minilm_dir()), corpus, run, validation=corpus, test=None,
              overrides=["--truncate", "--epochs", "1", "--train.lr", "1e-4", "--train.warmup_steps", "100",
                         "--evals-per-epoch", "1"])
     return run
@@ -90,14 +90,14 @@ def speed(folder: Path, texts: list[str], repeats: int = 3) -> tuple[float, floa
     return 32 / best, statistics.median(latencies[10:]) * 1e3
 
 
-def encoder_part(work: Path, teacher: str | None) -> list[dict[str, Any]]:
+def encoder_part(work: Path, teacher: str | None, corpus: str = CORPUS) -> list[dict[str, Any]]:
     from lmforge.recipes.finetune import evaluate_model
     from lmforge.tasks import TaskSpec, make_task
     from lmforge.tokenizer import Tokenizer
 
-    run = teacher_run(work, teacher)
-    model = run / "model"
-    train_split = [CORPUS]
+    run = teacher_run(work, teacher, corpus)
+    model = run / "model" if (run / "model").is_dir() else run
+    train_split = [corpus]
     variants: dict[str, Path] = {"fp32": model}
     steps: dict[str, float] = {}
 
@@ -118,10 +118,10 @@ def encoder_part(work: Path, teacher: str | None) -> list[dict[str, Any]]:
                                                        batch_size=32, progress=True))
     spec = json.loads((model / "task.json").read_text())
     task = make_task(TaskSpec(**spec), Tokenizer.load(model))
-    texts = [e["text"] for e in task.read([CORPUS], "test")]
+    texts = [e["text"] for e in task.read([corpus], "test")]
     rows = []
     for name, folder in variants.items():
-        metrics = evaluate_model(folder, [CORPUS], progress=False, device="cpu")
+        metrics = evaluate_model(folder, [corpus], progress=False, device="cpu")
         throughput, latency = speed(folder, texts)
         rows.append({"variant": name, "weights_mb": round(weights_megabytes(folder), 1),
                      "examples_per_s": round(throughput, 1), "p50_ms_batch1": round(latency, 2),
@@ -198,11 +198,62 @@ def transformers_row(prompt: torch.Tensor, new_tokens: int) -> dict[str, Any]:
         return {"variant": "transformers fp32 (same GGUF)", "error": f"{type(error).__name__}: {error}"[:200]}
 
 
+def render(results: dict[str, Any], folder: Path) -> str:
+    """Markdown tables (ratios against fp32 included) and the speed/quality plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    machine = results["machine"]
+    lines = [f"CPU: {machine['cpu']}, {machine['threads']} threads, flags: {' '.join(machine['flags'])}; "
+             f"torch {machine['torch']}", ""]
+    tables = [k for k in results if k not in ("machine", "decoder")]
+    figure, axes = plt.subplots(1, max(1, len(tables)), figsize=(6.5 * max(1, len(tables)), 4.2), squeeze=False)
+    for axis, key in zip(axes[0], tables, strict=False):
+        rows = results[key]
+        base = rows[0]
+        lines += [f"### {key}", "",
+                  "| variant | weights MB | smaller | examples/s (32 x 128) | speed-up | p50 ms (batch 1) | test macro-F1 | "
+                  "F1 change (points) |", "|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            lines.append(
+                f"| {row['variant']} | {row['weights_mb']:.1f} | {base['weights_mb'] / row['weights_mb']:.2f}x | "
+                f"{row['examples_per_s']:.1f} | {row['examples_per_s'] / base['examples_per_s']:.2f}x | "
+                f"{row['p50_ms_batch1']:.2f} | {row['macro_f1']:.4f} | {100 * (row['macro_f1'] - base['macro_f1']):+.2f} |")
+            axis.scatter(row["examples_per_s"], row["macro_f1"], s=20 + 3 * row["weights_mb"], alpha=0.6)
+            axis.annotate(row["variant"], (row["examples_per_s"], row["macro_f1"]), fontsize=8)
+        axis.set_xlabel("examples/s at batch 32 x 128 (higher is better)")
+        axis.set_ylabel("test macro-F1")
+        axis.set_title(f"{key}: speed and quality (marker area ~ weights MB)", fontsize=9)
+        lines.append("")
+    if "decoder" in results:
+        rows = results["decoder"]
+        base = rows[0]
+        lines += ["### SmolLM2-135M-Instruct (decoder)", "",
+                  "| variant | kernel | decode tokens/s | perplexity (chitchat) | perplexity change | KL from fp32 |",
+                  "|---|---|---|---|---|---|"]
+        for row in rows:
+            if "perplexity" not in row:
+                lines.append(f"| {row['variant']} | — | {row.get('tokens_per_s', row.get('error'))} | — | — | — |")
+                continue
+            change = 100 * (row["perplexity"] / base["perplexity"] - 1)
+            lines.append(f"| {row['variant']} | {row['kernel']} | {row['tokens_per_s']} | {row['perplexity']:.3f} | "
+                         f"{change:+.2f}% | {row['kl_from_fp32']:.5f} |")
+    figure.tight_layout()
+    figure.savefig(folder / "compression.png", dpi=110)
+    text = "\n".join(lines) + "\n"
+    (folder / "compression-tables.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default=None)
     parser.add_argument("--work", default=str(ROOT / "runs" / "compression"))
     parser.add_argument("--part", choices=["encoder", "decoder", "all"], default="all")
+    parser.add_argument("--corpus", default=CORPUS, help="the classification corpus of the encoder part")
+    parser.add_argument("--name", default="encoder", help="the key of the encoder table in the results")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "compression.json"))
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -213,13 +264,14 @@ def main() -> None:
     results["machine"] = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__}
     if args.part in ("encoder", "all"):
-        results["encoder"] = encoder_part(work, args.teacher)
+        results[args.name] = encoder_part(work, args.teacher, args.corpus)
         out.write_text(json.dumps(results, indent=1))
     if args.part in ("decoder", "all"):
         results["decoder"] = decoder_part()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    print(f"-> {out}")
+    print(render(results, out.parent))
+    print(f"-> {out}, {out.parent / 'compression-tables.md'}, {out.parent / 'compression.png'}")
 
 
 if __name__ == "__main__":

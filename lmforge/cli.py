@@ -501,6 +501,43 @@ def distill(teacher: str, output: str, data: list[str], student_layers: int | No
     print(f"student -> {output}")
 
 
+def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_keys: str | None = None,
+          max_body_bytes: int = 1_000_000, request_timeout: float = 60.0, drain_timeout: float = 30.0,
+          max_queue: int = 256, max_batch: int = 32, batch_wait_ms: float = 5.0, log_level: str = "info") -> None:
+    """Serve models over HTTP: task routes, OpenAI-compatible embeddings and chat, metrics.
+
+    Args:
+        model: model folders, runs or .gguf files, each optionally NAME=PATH (repeat for several).
+        host: address to listen on (127.0.0.1 keeps it on this machine).
+        port: TCP port.
+        api_keys: a file of API keys (one per line, optionally 'NAME KEY'); without it anyone
+            who reaches the port may call the models.
+        max_body_bytes: larger request bodies get 413.
+        request_timeout: seconds before a request is answered 504 and its work stopped.
+        drain_timeout: on SIGTERM, seconds to finish accepted requests before exiting.
+        max_queue: encoder inputs waiting per model before new ones get 429.
+        max_batch: encoder inputs per model call.
+        batch_wait_ms: how long the first request of a batch waits for others.
+        log_level: uvicorn's log level (access lines are JSON on the lmforge.access logger).
+    """
+    import logging
+
+    import uvicorn
+
+    from lmforge.serve.app import ServeSettings, create_app
+    from lmforge.serve.auth import ApiKeys
+
+    keys = ApiKeys.from_file(api_keys) if api_keys else None
+    if keys is None:
+        print("lmforge serve: no --api-keys file: every route is open to whoever reaches the port", file=sys.stderr)
+    settings = ServeSettings(max_body_bytes=max_body_bytes, request_timeout_s=request_timeout, max_queue=max_queue,
+                             max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    app = create_app(list(model), keys, settings)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                timeout_graceful_shutdown=int(drain_timeout))
+
+
 COMMANDS: dict[str, Any] = {
     "report": report,
     "evaluate": evaluate,
@@ -514,6 +551,7 @@ COMMANDS: dict[str, Any] = {
     "export": export,
     "prune": prune,
     "distill": distill,
+    "serve": serve,
 }
 
 
@@ -585,6 +623,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if argv[:1] == ["report"] and len(argv) == 2 and not argv[1].startswith("-"):
             argv = ["report", "--run", argv[1]]  # `lmforge report RUN`
+        if argv[:1] == ["serve"]:  # `lmforge serve MODEL [MODEL ...] --port 8000`
+            positional = []
+            for arg in argv[1:]:
+                if arg.startswith("-"):
+                    break
+                positional.append(arg)
+            argv = ["serve", *[x for m in positional for x in ("--model", m)], *argv[1 + len(positional):]]
         if argv[:2] == ["pipeline", "run"] and len(argv) == 3 and not argv[2].startswith("-"):
             argv = [*argv[:2], "--file", argv[2]]  # `lmforge pipeline run FILE`
         if argv[:2] == ["transfer", "curve"]:

@@ -83,6 +83,10 @@ class Task:
             raise DataError(f"no {split} examples in {', '.join(sources)}")
         return examples
 
+    def from_request(self, record: dict[str, Any], source: str) -> dict[str, Any]:
+        """One unlabeled example from a request body (the fields under our names)."""
+        return {**record, "_source": source}
+
     def read_file(self, path: str, required: list[str], fmt: str | None) -> Iterator[dict[str, Any]]:
         return read_examples(path, self.spec.fields, fmt=fmt, required=required)
 

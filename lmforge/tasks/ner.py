@@ -106,6 +106,9 @@ class NerTask(Task):
              ) -> list[dict[str, Any]]:
         return [self._normalise(e, labeled) for e in super().read(sources, split, labeled, fmt)]
 
+    def from_request(self, record: dict[str, Any], source: str) -> dict[str, Any]:
+        return self._normalise({**record, "_source": source}, labeled=False)
+
     def read_file(self, path: str, required: list[str], fmt: str | None) -> Iterator[dict[str, Any]]:
         for file in expand_paths(path):
             if fmt == "conll" or (fmt is None and file.suffix.lower() in CONLL_SUFFIXES):
