@@ -151,7 +151,7 @@ def cpu_bf16_speedup(size: int = 256, budget_s: float = 0.03, rounds: int = 3) -
                      torch.randn(size, size, generator=generator).to(dtype))
              for dtype in (torch.float32, torch.bfloat16)}
     best = {dtype: float("inf") for dtype in pairs}
-    for dtype, (a, b) in pairs.items():
+    for a, b in pairs.values():
         F.linear(a, b)  # warm-up (thread pool, packing)
     for _ in range(rounds):
         for dtype, (a, b) in pairs.items():

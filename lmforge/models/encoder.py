@@ -168,7 +168,8 @@ class Encoder(nn.Module):
             x = torch.cat([soft, x], dim=1)
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask.new_ones(x.shape[0], prompt), attention_mask], dim=1)
-        exporting = torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()  # a traced graph: no host reads, no data-dependent shapes
+        # a traced graph (ONNX export): no host reads, no data-dependent shapes
+        exporting = torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
         if attention_mask is not None and not exporting and bool(attention_mask.all()):
             attention_mask = None
         mask = attention_mask_for_sdpa(attention_mask, x.shape[1], 0, causal=False)
