@@ -1,7 +1,8 @@
 """`lmforge serve`: an HTTP service for task models, embeddings and chat (FastAPI).
 
-Routes (all but /health and /ready need an API key when keys are configured):
+Routes (all but /, /health and /ready need an API key when keys are configured):
 
+    GET  /                       the playground page (chat and classify; calls the API with a typed key)
     GET  /health                 alive (200 while the process runs)
     GET  /ready                  200 once every model is loaded and warmed, else 503
     GET  /metrics                Prometheus text: requests and latency by route/status, queue
@@ -35,7 +36,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
@@ -49,7 +50,7 @@ from lmforge.serve.models import Served, load_served, warm
 
 access_log = logging.getLogger("lmforge.access")
 log = logging.getLogger("lmforge.serve")
-OPEN_PATHS = ("/health", "/ready")
+OPEN_PATHS = ("/health", "/ready", "/")  # "/" is the static playground page: no data in it
 
 
 @dataclass
@@ -244,6 +245,12 @@ def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in error.errors())
         return error_response(400, f"invalid request: {problems}", "invalid_request_error")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        from lmforge.serve.playground import PAGE
+
+        return HTMLResponse(PAGE)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
