@@ -101,7 +101,10 @@ $("send").addEventListener("click", async () => {
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
         for (const choice of chunk.choices || []) {
-          if (choice.delta && choice.delta.content) { if (first === null) first = performance.now(); out.textContent += choice.delta.content; }
+          if (choice.delta && choice.delta.content) {
+            if (first === null) first = performance.now();
+            out.textContent += choice.delta.content;
+          }
         }
         if (chunk.usage) $("chat-meta").textContent = chunk.usage.completion_tokens + " tokens; first after " +
           Math.round((first || performance.now()) - started) + " ms";
@@ -117,7 +120,11 @@ $("run").addEventListener("click", async () => {
   const response = await fetch("/v1/classify", {method: "POST", headers: headers(),
     body: JSON.stringify({model: $("classify-model").value, input: $("text").value})});
   const answer = await response.json();
-  if (!response.ok) { body.innerHTML = "<tr><td class=error></td></tr>"; body.querySelector("td").textContent = answer.error.message; return; }
+  if (!response.ok) {
+    body.innerHTML = "<tr><td class=error></td></tr>";
+    body.querySelector("td").textContent = answer.error.message;
+    return;
+  }
   const row = answer.data[0];
   for (const [label, p] of Object.entries(row.probabilities || {})) {
     const tr = document.createElement("tr");
