@@ -3,13 +3,14 @@ finish reasons, cancellation and the timings a server reports.
 
 ``TextStream`` turns generated token ids into text deltas: a delta is released only when it
 cannot be the start of a stop string and does not end inside a multi-byte character, so
-streamed text equals the non-streamed text exactly. ``Generator.stream`` runs the decoder
-(the KV-cache loop of ``lmforge.generation``) and yields those deltas; a ``cancel`` event
-set by the caller (a client that went away, a timeout) stops it between two tokens.
+streamed text equals the non-streamed text exactly. ``Generator`` batches concurrent
+requests continuously on one KV cache and yields each request's deltas; a ``cancel`` event
+set by the caller (a client that went away, a timeout) stops a request between two tokens.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.generation import GenerationConfig, check_length, generate_tokens
+from lmforge.generation import GenerationConfig, check_length, next_token
 from lmforge.models import Decoder
+from lmforge.models.layers import KVCache
 from lmforge.tokenizer import Tokenizer
 
 
@@ -75,15 +77,49 @@ class TextStream:
         return out
 
 
-class Generator:
-    """A decoder and its tokenizer, serialised by a lock (one generation at a time)."""
+@dataclass
+class _Row:
+    """One request in the running batch."""
 
-    def __init__(self, model: Decoder, tokenizer: Tokenizer) -> None:
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.lock = threading.Lock()
+    ids: list[int]
+    config: GenerationConfig
+    cancel: threading.Event | None
+    timings: Timings
+    out: queue.SimpleQueue[Delta]
+    text: TextStream
+    generator: torch.Generator | None
+    start: int = 0  # first cache position of this row (positions before it are padding)
+    made: int = 0
+    next_token: int = -1
+
+
+class Generator:
+    """Continuous batching on one decoder: requests join the running batch between two decode
+    steps and leave it when they finish, so concurrent streams share each step's weights.
+
+    The batch shares one KV cache of ``capacity`` positions and one length L; row r holds its
+    tokens at positions [start_r, L) and a mask hides the rest from it. A request joins by a
+    prefill of its own prompt (positions 0..p-1, so rotary angles are its own), whose keys and
+    values are copied right-aligned at [L - p, L); when p > L the cache is shifted right first.
+    When L reaches the capacity, every row moves left by the smallest start. Rows compute
+    exactly what they would alone (masked positions take no attention weight); each row keeps
+    its own sampling settings and random generator.
+    """
+
+    def __init__(self, model: Decoder, tokenizer: Tokenizer, max_rows: int = 8) -> None:
+        self.model, self.tokenizer, self.max_rows = model.eval(), tokenizer, max_rows
         self.stop_ids = sorted({*model.config.eos_token_ids,
                                 *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])})
+        self.capacity = model.config.max_position_embeddings
+        self.pending: queue.SimpleQueue[_Row] = queue.SimpleQueue()
+        self.rows: list[_Row] = []
+        self.cache: KVCache | None = None
+        self.mask: torch.Tensor | None = None  # (R, capacity) 1 on each row's real positions
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="lmforge-generation", daemon=True)
+        self.thread.start()
 
+    # ------------------------------------------------------------------ public
     def prompt_ids(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
         if messages is not None:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -95,29 +131,151 @@ class Generator:
 
     def stream(self, ids: list[int], config: GenerationConfig, cancel: threading.Event | None = None,
                timings: Timings | None = None) -> Iterator[Delta]:
-        """Text deltas; the last one carries the finish reason."""
+        """Text deltas of one request; the last one carries the finish reason."""
+        self.check(len(ids), config.max_new_tokens)
         timings = timings or Timings()
         timings.prompt_tokens = len(ids)
-        text = TextStream(self.tokenizer, config.stop_strings)
-        plain = GenerationConfig(**{**config.__dict__, "stop_strings": [], "stop_token_ids": self.stop_ids})
-        with self.lock, torch.inference_mode():
-            tokens = generate_tokens(self.model, torch.tensor([ids]), plain, pad_id=self.stop_ids[0]
-                                     if self.stop_ids else 0)
-            for token in tokens:
-                value = int(token[0])
-                if timings.first_token_s is None:
-                    timings.first_token_s = time.perf_counter() - timings.started
-                if value in self.stop_ids:
-                    yield Delta(text.rest(), "stop")
-                    return
-                timings.completion_tokens += 1
-                out, stopped = text.push(value)
-                if stopped:
-                    yield Delta(out, "stop")
-                    return
-                if cancel is not None and cancel.is_set():
-                    yield Delta(out, "cancelled")
-                    return
-                if out:
-                    yield Delta(out)
-            yield Delta(text.rest(), "length")
+        generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        row = _Row(list(ids), config, cancel, timings, queue.SimpleQueue(), TextStream(self.tokenizer,
+                   config.stop_strings), generator)
+        self.pending.put(row)
+        self.wake.set()
+        while True:
+            delta = row.out.get()
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    # ------------------------------------------------------------------ the decode loop
+    def _loop(self) -> None:
+        while True:
+            if not self.rows:
+                self.wake.wait()
+                self.wake.clear()
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    if self.rows:
+                        self._step()
+            except BaseException as error:  # noqa: BLE001 - every waiting request hears of it
+                for row in self.rows:
+                    row.out.put(Delta("", "error"))
+                self.rows, self.cache, self.mask = [], None, None
+                import logging
+
+                logging.getLogger("lmforge.serve").exception("generation step failed: %s", error)
+
+    def _admit(self) -> None:
+        while len(self.rows) < self.max_rows:
+            try:
+                row = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            if row.cancel is not None and row.cancel.is_set():
+                row.out.put(Delta("", "cancelled"))
+                continue
+            self._join(row)
+
+    def _join(self, row: _Row) -> None:
+        """Prefill the row alone, then place its keys/values right-aligned in the batch cache."""
+        p = len(row.ids)
+        own = self.model.new_cache(1, p)
+        hidden = self.model(torch.tensor([row.ids]), cache=own)
+        token = self._choose(row, self.model.logits(hidden[:, -1]))
+        if self.cache is None:
+            self.cache = self.model.new_cache(0, self.capacity)
+            self.cache.length = 0
+            self.mask = torch.zeros(0, self.capacity, dtype=torch.long)
+        assert self.mask is not None
+        length = self.cache.length
+        if p > length:  # shift the batch right so that the new prompt fits before L
+            self._shift(p - length)
+            length = p
+        start = length - p
+        for layer in range(len(own.keys)):
+            keys = own.keys[layer].new_zeros(1, *self.cache.keys[layer].shape[1:])
+            values = torch.zeros_like(keys)
+            keys[:, :, start:length] = own.keys[layer][:, :, :p]
+            values[:, :, start:length] = own.values[layer][:, :, :p]
+            self.cache.keys[layer] = torch.cat([self.cache.keys[layer], keys])
+            self.cache.values[layer] = torch.cat([self.cache.values[layer], values])
+        mask = torch.zeros(1, self.capacity, dtype=torch.long)
+        mask[0, start:length] = 1
+        self.mask = torch.cat([self.mask, mask])
+        row.start = start
+        self.rows.append(row)
+        if not self._emit(row, token):
+            self._drop([row])
+
+    def _shift(self, by: int) -> None:
+        """Move every row's cache content ``by`` positions (right if > 0, left if < 0)."""
+        assert self.cache is not None and self.mask is not None
+        self.cache.keys = [k.roll(by, dims=2) for k in self.cache.keys]
+        self.cache.values = [v.roll(by, dims=2) for v in self.cache.values]
+        self.mask = self.mask.roll(by, dims=1)
+        if by > 0:
+            self.mask[:, :by] = 0
+        else:
+            self.mask[:, by:] = 0
+        self.cache.length += by
+        for row in self.rows:
+            row.start += by
+
+    def _step(self) -> None:
+        assert self.cache is not None and self.mask is not None
+        if self.cache.length + 1 > self.capacity:  # full: drop the columns no row uses any more
+            self._shift(-min(row.start for row in self.rows))
+        length = self.cache.length
+        self.mask[:, length] = 1
+        tokens = torch.tensor([[row.next_token] for row in self.rows])
+        hidden = self.model(tokens, attention_mask=self.mask[:, :length + 1], cache=self.cache)
+        logits = self.model.logits(hidden[:, -1])
+        finished = []
+        for index, row in enumerate(self.rows):
+            token = self._choose(row, logits[index:index + 1])
+            if not self._emit(row, token):
+                finished.append(row)
+        self._drop(finished)
+
+    def _choose(self, row: _Row, logits: torch.Tensor) -> int:
+        seen = torch.tensor([row.ids[-64:] or [0]])
+        return int(next_token(logits, row.config, seen, row.generator)[0])
+
+    def _emit(self, row: _Row, token: int) -> bool:
+        """Hand ``token`` to its request; False when the row is finished."""
+        if row.timings.first_token_s is None:
+            row.timings.first_token_s = time.perf_counter() - row.timings.started
+        if token in self.stop_ids:
+            row.out.put(Delta(row.text.rest(), "stop"))
+            return False
+        row.ids.append(token)
+        row.made += 1
+        row.timings.completion_tokens += 1
+        out, stopped = row.text.push(token)
+        if stopped:
+            row.out.put(Delta(out, "stop"))
+            return False
+        if row.cancel is not None and row.cancel.is_set():
+            row.out.put(Delta(out, "cancelled"))
+            return False
+        if row.made >= row.config.max_new_tokens:
+            row.out.put(Delta(out + row.text.rest(), "length"))
+            return False
+        if out:
+            row.out.put(Delta(out))
+        row.next_token = token
+        return True
+
+    def _drop(self, finished: list[_Row]) -> None:
+        if not finished:
+            return
+        keep = [i for i, row in enumerate(self.rows) if row not in finished]
+        self.rows = [self.rows[i] for i in keep]
+        assert self.cache is not None and self.mask is not None
+        if not self.rows:
+            self.cache, self.mask = None, None
+            return
+        index = torch.tensor(keep)
+        self.cache.keys = [k.index_select(0, index) for k in self.cache.keys]
+        self.cache.values = [v.index_select(0, index) for v in self.cache.values]
+        self.mask = self.mask.index_select(0, index)
