@@ -501,13 +501,16 @@ def distill(teacher: str, output: str, data: list[str], student_layers: int | No
     print(f"student -> {output}")
 
 
-def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_keys: str | None = None,
+def serve(model: list[str], adapters: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
+          api_keys: str | None = None,
           max_body_bytes: int = 1_000_000, request_timeout: float = 60.0, drain_timeout: float = 30.0,
           max_queue: int = 256, max_batch: int = 32, batch_wait_ms: float = 5.0, log_level: str = "info") -> None:
     """Serve models over HTTP: task routes, OpenAI-compatible embeddings and chat, metrics.
 
     Args:
         model: model folders, runs or .gguf files, each optionally NAME=PATH (repeat for several).
+        adapters: LoRA adapter folders NAME=DIR (RUN/model/adapter of a LoRA fine-tune of the served
+            decoder); a request's "model": NAME runs with that adapter.
         host: address to listen on (127.0.0.1 keeps it on this machine).
         port: TCP port.
         api_keys: a file of API keys (one per line, optionally 'NAME KEY'); without it anyone
@@ -533,7 +536,13 @@ def serve(model: list[str], host: str = "127.0.0.1", port: int = 8000, api_keys:
     settings = ServeSettings(max_body_bytes=max_body_bytes, request_timeout_s=request_timeout, max_queue=max_queue,
                              max_batch=max_batch, batch_wait_ms=batch_wait_ms)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    app = create_app(list(model), keys, settings)
+    named = {}
+    for item in adapters or []:
+        if "=" not in item:
+            raise LmforgeError(f"--adapters {item}: expected NAME=DIR")
+        name, folder = item.split("=", 1)
+        named[name] = folder
+    app = create_app(list(model), keys, settings, named)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
                 timeout_graceful_shutdown=int(drain_timeout))
 

@@ -120,8 +120,11 @@ class CompletionRequest(_Sampling):
 class Server:
     """What the routes share: models, batchers, keys, limits, metrics, readiness."""
 
-    def __init__(self, specs: list[str] | list[Served], keys: ApiKeys | None, settings: ServeSettings) -> None:
+    def __init__(self, specs: list[str] | list[Served], keys: ApiKeys | None, settings: ServeSettings,
+                 adapters: dict[str, str] | None = None) -> None:
         self.specs, self.keys, self.settings = specs, keys, settings
+        self.adapter_folders = dict(adapters or {})
+        self.adapters: dict[str, str] = {}  # adapter name -> the served decoder it runs on
         self.metrics = ServerMetrics()
         self.models: dict[str, Served] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
@@ -143,11 +146,26 @@ class Server:
                                          self.settings.max_queue)
                 batcher.start()
                 self.batchers[served.name] = batcher
+        if self.adapter_folders:
+            decoders = [m for m in self.models.values() if m.kind == "generate"]
+            if not decoders:
+                raise LmforgeError("--adapters need a decoder to run on; none is served")
+            for name, folder in self.adapter_folders.items():
+                if name in self.models:
+                    raise LmforgeError(f"adapter {name!r} has the name of a served model; rename one")
+                await asyncio.to_thread(decoders[0].generator.add_adapter, name, folder)
+                self.adapters[name] = decoders[0].name
         self.ready = True
 
     async def stop(self) -> None:
         for batcher in self.batchers.values():
             await batcher.stop()
+
+    def pick_generation(self, name: str | None) -> tuple[Served, str]:
+        """The decoder and adapter ("" = none) a chat or completion request names."""
+        if name in self.adapters:
+            return self.models[self.adapters[name]], name  # type: ignore[index]
+        return self.pick(name, "chat"), ""
 
     def pick(self, name: str | None, route: str) -> Served:
         fitting = [m for m in self.models.values() if m.route == route]
@@ -156,7 +174,7 @@ class Server:
                 raise ApiError(404, f"no model here answers /v1/{route}", "not_found_error")
             return fitting[0]
         if name not in self.models:
-            raise ApiError(404, f"model {name!r} is not served here (served: {', '.join(self.models)})",
+            raise ApiError(404, f"model {name!r} is not served here (served: {', '.join([*self.models, *self.adapters])})",
                            "not_found_error")
         served = self.models[name]
         if served.route != route:
@@ -186,8 +204,10 @@ class Server:
 
 
 def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None,
-               settings: ServeSettings | None = None) -> FastAPI:
-    server = Server(models, api_keys, settings or ServeSettings())
+               settings: ServeSettings | None = None, adapters: dict[str, str] | None = None) -> FastAPI:
+    """The app serving ``models`` (``NAME=PATH`` or paths); ``adapters`` (name -> adapter
+    folder) run on the served decoder and are chosen by the request's ``model``."""
+    server = Server(models, api_keys, settings or ServeSettings(), adapters)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -267,8 +287,11 @@ def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "lmforge", "kind": m.kind,
-                                            "route": f"/v1/{m.route}"} for name, m in server.models.items()]}
+        data = [{"id": name, "object": "model", "owned_by": "lmforge", "kind": m.kind, "route": f"/v1/{m.route}"}
+                for name, m in server.models.items()]
+        data += [{"id": name, "object": "model", "owned_by": "lmforge", "kind": "adapter", "route": "/v1/chat",
+                  "parent": base} for name, base in server.adapters.items()]
+        return {"object": "list", "data": data}
 
     def texts_of(value: str | list[str]) -> list[str]:
         texts = [value] if isinstance(value, str) else list(value)
@@ -318,7 +341,7 @@ def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None
 
     async def generation(request: Request, body: _Sampling, messages: list[dict[str, str]] | None,
                          prompt: str | None) -> Response:
-        served = server.pick(body.model, "chat")
+        served, adapter = server.pick_generation(body.model)
         generator = served.generator
         ids = generator.prompt_ids(prompt, messages)
         max_tokens = body.max_tokens or min(server.settings.default_max_tokens, served.max_tokens - len(ids))
@@ -344,7 +367,7 @@ def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None
 
         def produce() -> None:
             try:
-                for delta in generator.stream(ids, config, cancel, timings):
+                for delta in generator.stream(ids, config, cancel, timings, adapter):
                     loop.call_soon_threadsafe(queue.put_nowait, delta)
             except BaseException as error:  # noqa: BLE001 - handed to the request
                 loop.call_soon_threadsafe(queue.put_nowait, error)
@@ -398,7 +421,8 @@ def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None
                                        "finish_reason": finish_reason(reason)} if chat else
                                       {"index": 0, "text": content, "finish_reason": finish_reason(reason)})
             return JSONResponse({"id": ident, "object": "chat.completion" if chat else "text_completion",
-                                 "created": created, "model": served.name, "choices": [choice], "usage": usage()})
+                                 "created": created, "model": body.model or served.name, "choices": [choice],
+                                 "usage": usage()})
 
         async def events() -> AsyncIterator[str]:
             kind = "chat.completion.chunk" if chat else "text_completion"

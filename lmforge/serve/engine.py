@@ -10,14 +10,17 @@ set by the caller (a client that went away, a timeout) stops a request between t
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from lmforge.errors import ConfigError
 from lmforge.generation import GenerationConfig, check_length, next_token
 from lmforge.models import Decoder
 from lmforge.models.layers import KVCache
@@ -88,6 +91,7 @@ class _Row:
     out: queue.SimpleQueue[Delta]
     text: TextStream
     generator: torch.Generator | None
+    adapter: str = ""  # the adapter this row runs with ("" = the base model)
     start: int = 0  # first cache position of this row (positions before it are padding)
     made: int = 0
     next_token: int = -1
@@ -104,14 +108,20 @@ class Generator:
     When L reaches the capacity, every row moves left by the smallest start. Rows compute
     exactly what they would alone (masked positions take no attention weight); each row keeps
     its own sampling settings and random generator.
+
+    Adapters (``add_adapter``): a running batch computes with one adapter; a request for
+    another waits until the batch drains, then the bank switches (a tensor copy).
     """
 
     def __init__(self, model: Decoder, tokenizer: Tokenizer, max_rows: int = 8) -> None:
         self.model, self.tokenizer, self.max_rows = model.eval(), tokenizer, max_rows
+        self.bank: Any = None  # AdapterBank once an adapter is added
+        self.adapter = ""  # the adapter the running batch uses
         self.stop_ids = sorted({*model.config.eos_token_ids,
                                 *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])})
         self.capacity = model.config.max_position_embeddings
-        self.pending: queue.SimpleQueue[_Row] = queue.SimpleQueue()
+        self.pending: collections.deque[_Row] = collections.deque()
+        self.pending_lock = threading.Lock()
         self.rows: list[_Row] = []
         self.cache: KVCache | None = None
         self.mask: torch.Tensor | None = None  # (R, capacity) 1 on each row's real positions
@@ -129,16 +139,43 @@ class Generator:
     def check(self, prompt_tokens: int, max_new_tokens: int) -> None:
         check_length(self.model, prompt_tokens, max_new_tokens)
 
+    def add_adapter(self, name: str, folder: str) -> None:
+        """Serve the adapter in ``folder`` (an adapter folder made for this base) as ``name``."""
+        from lmforge.peft import AdapterBank, adapter_tensors
+
+        with self.pending_lock:
+            if self.rows:
+                raise RuntimeError("add adapters before serving")
+            if self.bank is None:
+                self.bank = AdapterBank(self.model)
+                self.bank.load(name, folder)
+                zeros = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in adapter_tensors(self.model).items()}
+                if self.model.peft_config.get("method") != "lora":  # type: ignore[union-attr]
+                    raise ConfigError([f"{folder}: serving adapters per request holds LoRA adapters (a zero LoRA "
+                                       "update is the base model)"])
+                self.bank.adapters[""] = zeros
+            else:
+                self.bank.load(name, folder)
+            self.bank.use("")
+            self.model.use_decoding_layout()
+
+    @property
+    def adapters(self) -> list[str]:
+        return [name for name in (self.bank.adapters if self.bank else {}) if name]
+
     def stream(self, ids: list[int], config: GenerationConfig, cancel: threading.Event | None = None,
-               timings: Timings | None = None) -> Iterator[Delta]:
+               timings: Timings | None = None, adapter: str = "") -> Iterator[Delta]:
         """Text deltas of one request; the last one carries the finish reason."""
+        if adapter and adapter not in self.adapters:
+            raise ConfigError([f"no adapter {adapter!r} on this model (adapters: {', '.join(self.adapters) or 'none'})"])
         self.check(len(ids), config.max_new_tokens)
         timings = timings or Timings()
         timings.prompt_tokens = len(ids)
         generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
         row = _Row(list(ids), config, cancel, timings, queue.SimpleQueue(), TextStream(self.tokenizer,
-                   config.stop_strings), generator)
-        self.pending.put(row)
+                   config.stop_strings), generator, adapter)
+        with self.pending_lock:
+            self.pending.append(row)
         self.wake.set()
         while True:
             delta = row.out.get()
@@ -149,7 +186,9 @@ class Generator:
     # ------------------------------------------------------------------ the decode loop
     def _loop(self) -> None:
         while True:
-            if not self.rows:
+            with self.pending_lock:
+                idle = not self.rows and not self.pending
+            if idle:
                 self.wake.wait()
                 self.wake.clear()
             try:
@@ -167,10 +206,17 @@ class Generator:
 
     def _admit(self) -> None:
         while len(self.rows) < self.max_rows:
-            try:
-                row = self.pending.get_nowait()
-            except queue.Empty:
-                return
+            with self.pending_lock:
+                if not self.pending:
+                    return
+                if not self.rows and self.pending[0].adapter != self.adapter:
+                    self.adapter = self.pending[0].adapter  # an empty batch may switch adapters
+                    self.bank.use(self.adapter)
+                # first come, first served: a request for another adapter stops admissions until
+                # the running batch drains, so no adapter waits behind a stream of others
+                if self.pending[0].adapter != self.adapter:
+                    return
+                row = self.pending.popleft()
             if row.cancel is not None and row.cancel.is_set():
                 row.out.put(Delta("", "cancelled"))
                 continue

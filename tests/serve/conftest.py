@@ -28,10 +28,11 @@ def free_port() -> int:
 
 
 class Running:
-    def __init__(self, models: list[str], settings: ServeSettings, keys: ApiKeys | None) -> None:
+    def __init__(self, models: list[str], settings: ServeSettings, keys: ApiKeys | None,
+                 adapters: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(models, keys, settings)
+        self.app = create_app(models, keys, settings, adapters)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
@@ -56,9 +57,10 @@ class Running:
         self.thread.join(timeout=30)
 
 
-def start(models: list[str], settings: ServeSettings | None = None, keys: bool = True) -> Running:
+def start(models: list[str], settings: ServeSettings | None = None, keys: bool = True,
+          adapters: dict[str, str] | None = None) -> Running:
     api_keys = ApiKeys({"alice": KEY, "bob": OTHER_KEY}) if keys else None
-    return Running(models, settings or ServeSettings(), api_keys)
+    return Running(models, settings or ServeSettings(), api_keys, adapters)
 
 
 @pytest.fixture(scope="module")
