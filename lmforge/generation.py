@@ -67,6 +67,7 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     cumulative = sorted_logits.softmax(-1).cumsum(-1)
     drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= p  # mass before this token already >= p
+    drop_sorted[..., 0] = False  # the most likely token always stays (a p that rounds to 0 dropped it)
     drop = drop_sorted.scatter(1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -50,6 +50,7 @@ from lmforge.serve.models import Served, load_served, warm
 
 access_log = logging.getLogger("lmforge.access")
 log = logging.getLogger("lmforge.serve")
+MIN_TEMPERATURE = 1e-3  # temperatures below this decode greedily (OpenAI's 0 means greedy)
 OPEN_PATHS = ("/health", "/ready", "/")  # "/" is the static playground page: no data in it
 
 
@@ -103,7 +104,7 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
 
@@ -352,9 +353,10 @@ def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None
         if waiting >= server.settings.max_generation_queue:
             raise ApiError(429, "the server is at capacity; retry later", "rate_limit_error", {"Retry-After": "1"})
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        config = GenerationConfig(max_new_tokens=max_tokens, do_sample=body.temperature > 0,
-                                  temperature=body.temperature or 1.0, top_p=body.top_p, stop_strings=stop,
-                                  seed=body.seed)
+        sample = body.temperature >= MIN_TEMPERATURE  # below it, sampling is argmax with overflow risks
+        config = GenerationConfig(max_new_tokens=max_tokens, do_sample=sample,
+                                  temperature=body.temperature if sample else 1.0, top_p=body.top_p,
+                                  stop_strings=[s for s in stop if s], seed=body.seed)
         server.metrics.tokens_in.labels(served.name).inc(len(ids))
         chat = messages is not None
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -416,6 +418,8 @@ def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None
             async for delta in deltas():
                 text.append(delta.text)
                 reason = delta.finish_reason or reason
+            if reason == "error":
+                raise ApiError(500, "generation failed (logged on the server)", "server_error")
             content = "".join(text)
             choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": content},
                                        "finish_reason": finish_reason(reason)} if chat else

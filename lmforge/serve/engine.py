@@ -220,7 +220,15 @@ class Generator:
             if row.cancel is not None and row.cancel.is_set():
                 row.out.put(Delta("", "cancelled"))
                 continue
-            self._join(row)
+            try:
+                self._join(row)
+            except Exception:  # noqa: BLE001 - this request fails alone; the batch goes on
+                import logging
+
+                logging.getLogger("lmforge.serve").exception("prefill failed")
+                if row in self.rows:
+                    self._drop([row])
+                row.out.put(Delta("", "error"))
 
     def _join(self, row: _Row) -> None:
         """Prefill the row alone, then place its keys/values right-aligned in the batch cache."""

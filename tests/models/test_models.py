@@ -117,6 +117,7 @@ def test_top_k_and_top_p_known_answers() -> None:
     assert torch.isinf(filter_top_p(logits, 0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_top_p(logits, 0.5)).tolist() == [[False, True, True, True]]
     assert torch.isinf(filter_top_p(logits[:, [3, 1, 0, 2]], 0.7)).tolist() == [[True, False, False, True]]
+    assert torch.isinf(filter_top_p(logits, 1e-300)).tolist() == [[False, True, True, True]]  # p rounds to 0
 
 
 def test_repetition_penalty_known_answer() -> None:
