@@ -73,8 +73,9 @@ class TextStream:
         return out, False
 
     def rest(self) -> str:
-        """What was held back, at the end of generation (no stop string followed)."""
-        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        """What was held back, at the end of generation (no stop string followed): the whole
+        text is then ``tokenizer.decode`` of every token, an unfinished character included."""
+        text = self.tokenizer.decode(self.ids)
         out = text[self.sent:]
         self.sent = len(text)
         return out
