@@ -58,36 +58,42 @@ def teacher_run(work: Path, given: str | None, corpus: str = CORPUS) -> Path:
     return run
 
 
-def speed(folder: Path, texts: list[str], repeats: int = 3) -> tuple[float, float]:
-    """(examples/s at batch 32 x 128 tokens, p50 ms at batch 1 on single tweets)."""
+def speeds(folders: dict[str, Path], texts: list[str], rounds: int = 5) -> dict[str, tuple[float, float]]:
+    """Per variant: (examples/s at batch 32 x 128 tokens, p50 ms at batch 1 on single tweets).
+    The variants take turns within each round (best round counts for throughput), so a busy
+    moment on the machine slows them alike instead of favouring one."""
     from lmforge.recipes.finetune import load_task_model
 
-    task, objective = load_task_model(folder, device="cpu")
-    tokenizer = task.tokenizer
+    objectives = {name: load_task_model(folder, device="cpu") for name, folder in folders.items()}
+    tokenizer = next(iter(objectives.values()))[0].tokenizer
     stream: list[int] = []
     for text in texts:
         stream.extend(tokenizer.encode(text, add_special_tokens=False))
         if len(stream) > 32 * 130:
             break
     cls, sep = tokenizer.backend.token_to_id("[CLS]"), tokenizer.backend.token_to_id("[SEP]")
-    rows = [[cls, *stream[i * 126:(i + 1) * 126], sep] for i in range(32)]
-    ids = torch.tensor(rows)
+    ids = torch.tensor([[cls, *stream[i * 126:(i + 1) * 126], sep] for i in range(32)])
     big = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    singles = []
+    for text in texts[:40]:
+        one = torch.tensor([tokenizer.encode(text)])
+        singles.append({"input_ids": one, "attention_mask": torch.ones_like(one), "token_type_ids": torch.zeros_like(one)})
+    best = {name: float("inf") for name in objectives}
+    latencies: dict[str, list[float]] = {name: [] for name in objectives}
     with torch.inference_mode():
-        objective(big, scores_only=True)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
+        for _, objective in objectives.values():
             objective(big, scores_only=True)
-            best = min(best, time.perf_counter() - start)
-        latencies = []
-        for text in texts[:60]:
-            one = torch.tensor([tokenizer.encode(text)])
-            single = {"input_ids": one, "attention_mask": torch.ones_like(one), "token_type_ids": torch.zeros_like(one)}
-            start = time.perf_counter()
-            objective(single, scores_only=True)
-            latencies.append(time.perf_counter() - start)
-    return 32 / best, statistics.median(latencies[10:]) * 1e3
+        for _ in range(rounds):
+            for name, (_, objective) in objectives.items():
+                start = time.perf_counter()
+                objective(big, scores_only=True)
+                best[name] = min(best[name], time.perf_counter() - start)
+        for single in singles:
+            for name, (_, objective) in objectives.items():
+                start = time.perf_counter()
+                objective(single, scores_only=True)
+                latencies[name].append(time.perf_counter() - start)
+    return {name: (32 / best[name], statistics.median(latencies[name]) * 1e3) for name in objectives}
 
 
 def encoder_part(work: Path, teacher: str | None, corpus: str = CORPUS) -> list[dict[str, Any]]:
@@ -120,9 +126,10 @@ def encoder_part(work: Path, teacher: str | None, corpus: str = CORPUS) -> list[
     task = make_task(TaskSpec(**spec), Tokenizer.load(model))
     texts = [e["text"] for e in task.read([corpus], "test")]
     rows = []
+    measured = speeds(variants, texts)
     for name, folder in variants.items():
         metrics = evaluate_model(folder, [corpus], progress=False, device="cpu")
-        throughput, latency = speed(folder, texts)
+        throughput, latency = measured[name]
         rows.append({"variant": name, "weights_mb": round(weights_megabytes(folder), 1),
                      "examples_per_s": round(throughput, 1), "p50_ms_batch1": round(latency, 2),
                      "macro_f1": round(metrics["macro_f1"], 4), "accuracy": round(metrics["accuracy"], 4),
