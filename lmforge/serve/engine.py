@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.errors import ConfigError
 from lmforge.generation import GenerationConfig, check_length, next_token
@@ -39,6 +40,9 @@ class Timings:
     completion_tokens: int = 0
     first_token_s: float | None = None
     started: float = field(default_factory=time.perf_counter)
+
+
+INITIAL_POSITIONS = 256  # KV buffer positions to start a batch with (they grow on demand)
 
 
 class TextStream:
@@ -102,7 +106,7 @@ class Generator:
     """Continuous batching on one decoder: requests join the running batch between two decode
     steps and leave it when they finish, so concurrent streams share each step's weights.
 
-    The batch shares one KV cache of ``capacity`` positions and one length L; row r holds its
+    The batch shares one KV cache (grown on demand up to the model's positions) and one length L; row r holds its
     tokens at positions [start_r, L) and a mask hides the rest from it. A request joins by a
     prefill of its own prompt (positions 0..p-1, so rotary angles are its own), whose keys and
     values are copied right-aligned at [L - p, L); when p > L the cache is shifted right first.
@@ -114,8 +118,10 @@ class Generator:
     another waits until the batch drains, then the bank switches (a tensor copy).
     """
 
-    def __init__(self, model: Decoder, tokenizer: Tokenizer, max_rows: int = 8) -> None:
+    def __init__(self, model: Decoder, tokenizer: Tokenizer, max_rows: int = 8,
+                 initial_positions: int = INITIAL_POSITIONS) -> None:
         self.model, self.tokenizer, self.max_rows = model.eval(), tokenizer, max_rows
+        self.initial_positions = initial_positions
         self.bank: Any = None  # AdapterBank once an adapter is added
         self.adapter = ""  # the adapter the running batch uses
         self.stop_ids = sorted({*model.config.eos_token_ids,
@@ -238,12 +244,14 @@ class Generator:
         hidden = self.model(torch.tensor([row.ids]), cache=own)
         token = self._choose(row, self.model.logits(hidden[:, -1]))
         if self.cache is None:
-            self.cache = self.model.new_cache(0, self.capacity)
-            self.cache.length = 0
-            self.mask = torch.zeros(0, self.capacity, dtype=torch.long)
+            size = min(self.capacity, max(self.initial_positions, p + 1))
+            self.cache = self.model.new_cache(0, size)
+            self.cache.max_length = size  # the buffers, not the model's limit
+            self.mask = torch.zeros(0, size, dtype=torch.long)
         assert self.mask is not None
         length = self.cache.length
         if p > length:  # shift the batch right so that the new prompt fits before L
+            self._grow(p + 1)
             self._shift(p - length)
             length = p
         start = length - p
@@ -254,13 +262,27 @@ class Generator:
             values[:, :, start:length] = own.values[layer][:, :, :p]
             self.cache.keys[layer] = torch.cat([self.cache.keys[layer], keys])
             self.cache.values[layer] = torch.cat([self.cache.values[layer], values])
-        mask = torch.zeros(1, self.capacity, dtype=torch.long)
+        mask = torch.zeros(1, self.mask.shape[1], dtype=torch.long)
         mask[0, start:length] = 1
         self.mask = torch.cat([self.mask, mask])
         row.start = start
         self.rows.append(row)
         if not self._emit(row, token):
             self._drop([row])
+
+    def _grow(self, needed: int) -> None:
+        """Make room for ``needed`` positions (doubling, up to the model's limit): buffers start
+        small and grow with the longest row, so joins and shifts copy little."""
+        assert self.cache is not None and self.mask is not None
+        size = self.cache.max_length
+        if needed <= size:
+            return
+        bigger = min(self.capacity, max(needed, 2 * size))
+        pad = bigger - size
+        self.cache.keys = [F.pad(k, (0, 0, 0, pad)) for k in self.cache.keys]  # (R, nkv, S, hd): S grows
+        self.cache.values = [F.pad(v, (0, 0, 0, pad)) for v in self.cache.values]
+        self.mask = F.pad(self.mask, (0, pad))
+        self.cache.max_length = bigger
 
     def _shift(self, by: int) -> None:
         """Move every row's cache content ``by`` positions (right if > 0, left if < 0)."""
@@ -278,8 +300,11 @@ class Generator:
 
     def _step(self) -> None:
         assert self.cache is not None and self.mask is not None
-        if self.cache.length + 1 > self.capacity:  # full: drop the columns no row uses any more
-            self._shift(-min(row.start for row in self.rows))
+        if self.cache.length + 1 > self.cache.max_length:
+            if self.cache.max_length < self.capacity:
+                self._grow(self.cache.length + 1)
+            else:  # at the model's limit: drop the columns no row uses any more
+                self._shift(-min(row.start for row in self.rows))
         length = self.cache.length
         self.mask[:, length] = 1
         tokens = torch.tensor([[row.next_token] for row in self.rows])

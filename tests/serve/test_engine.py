@@ -23,7 +23,7 @@ def _run(generator: Generator, prompt: str, tokens: int, results: dict, key: obj
 def test_rows_joining_and_leaving_get_their_own_tokens(tiny_decoder_dir: Path) -> None:
     model, tokenizer = load_pretrained(tiny_decoder_dir)
     model.use_decoding_layout()
-    generator = Generator(model, tokenizer, max_rows=4)
+    generator = Generator(model, tokenizer, max_rows=4, initial_positions=8)  # buffers grow while rows run
     alone: dict = {}
     for index, prompt in enumerate(PROMPTS):
         _run(generator, prompt, 5 + 7 * index, alone, index)
@@ -35,6 +35,7 @@ def test_rows_joining_and_leaving_get_their_own_tokens(tiny_decoder_dir: Path) -
     for thread in threads:
         thread.join(timeout=120)
     assert together == alone
+    assert generator.rows == [] and generator.cache is None  # every row left; the buffers went with them
     reference = generate(model, tokenizer, PROMPTS[0], GenerationConfig(max_new_tokens=5, stop_token_ids=[-1]))
     assert alone[0][0] == reference[0]  # and alone equals lmforge.generation's own loop
 
