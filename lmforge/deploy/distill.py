@@ -27,9 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from lmforge.data.loader import BucketedLoader
+from lmforge.deploy.prune import short_training
 from lmforge.errors import ConfigError
 from lmforge.models import Encoder, EncoderConfig, preset
 from lmforge.models.encoder import Packing
@@ -165,49 +165,31 @@ def distill(teacher: Any, student: Any, task: Any, features: Sequence[dict[str, 
         projection = nn.Linear(s_model.config.hidden_size, t_model.config.hidden_size)
     heads = relation_heads(s_model, t_model)
     parameters = [p for p in student.parameters() if p.requires_grad] + list(projection.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup))))
     pad_id = task.tokenizer.pad_id if task.tokenizer.pad_id is not None else 0
     loader = BucketedLoader(list(features), batch_size, pad_id, shuffle=True, seed=seed)
-    if not loader.epoch_batches(0):
-        raise ConfigError([f"distillation needs at least {batch_size} examples; the data has {len(features)}"])
     teacher_taps, student_taps = _Taps(t_model), _Taps(s_model)
+
+    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        teacher_taps.clear()
+        student_taps.clear()
+        with torch.no_grad():
+            target = teacher(batch, scores_only=True)
+        scores = student(batch, scores_only=True)
+        loss = weights.soft * soft_loss(task, scores, target, mask, weights.temperature)
+        if weights.hidden:
+            hidden = sum(F.mse_loss(projection(student_taps.hidden[i]), teacher_taps.hidden[m])
+                         for i, m in enumerate(mapped))
+            loss = loss + weights.hidden * hidden / len(mapped)
+        if weights.relation:
+            loss = loss + weights.relation * relation_loss(student_taps.qkv, teacher_taps.qkv, mask, heads)
+        return loss
+
     student.train()
-    losses: list[float] = []
-    bar = tqdm(total=steps, disable=not progress, desc="distil", unit="step", leave=False)
-    epoch = 0
     try:
-        while len(losses) < steps:
-            for index in range(len(loader.epoch_batches(epoch))):
-                batch = loader.batch_at(epoch, index)
-                mask = batch["attention_mask"]
-                teacher_taps.clear()
-                student_taps.clear()
-                with torch.no_grad():
-                    target = teacher(batch, scores_only=True)
-                scores = student(batch, scores_only=True)
-                loss = weights.soft * soft_loss(task, scores, target, mask, weights.temperature)
-                if weights.hidden:
-                    hidden = sum(F.mse_loss(projection(student_taps.hidden[i]), teacher_taps.hidden[m])
-                                 for i, m in enumerate(mapped))
-                    loss = loss + weights.hidden * hidden / len(mapped)
-                if weights.relation:
-                    loss = loss + weights.relation * relation_loss(student_taps.qkv, teacher_taps.qkv, mask, heads)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if len(losses) >= steps:
-                    break
-            epoch += 1
+        losses = short_training(parameters, loader, steps, lr, loss_of, "distillation", warmup=max(1, steps // 10),
+                                progress=progress)
     finally:
-        bar.close()
         teacher_taps.remove()
         student_taps.remove()
     student.eval()

@@ -17,7 +17,7 @@ the summary says so.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -129,40 +129,53 @@ def prune_encoder(model: Encoder, heads: list[list[int]], neurons: list[list[int
     return smaller.train(model.training)
 
 
+def short_training(parameters: list[torch.Tensor], batches: BucketedLoader, steps: int, lr: float,
+                   loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor], desc: str, warmup: int = 0,
+                   progress: bool = False) -> list[float]:
+    """``steps`` AdamW steps (weight decay 0.01, gradients clipped at 1, linear warm-up over
+    ``warmup`` steps then linear decay to 0) over the loader's epochs; returns the losses.
+    The one loop of recovery fine-tuning and distillation."""
+    if not batches.epoch_batches(0):
+        raise ConfigError([f"{desc} needs at least {batches.batch_size} examples; the data has "
+                           f"{len(batches.examples)}"])
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
+        (step + 1) / warmup if warmup else 1.0, max(0.0, (steps - step) / max(1, steps - warmup))))
+    losses: list[float] = []
+    epoch = 0
+    with tqdm(total=steps, disable=not progress, desc=desc, unit="step", leave=False) as bar:
+        while len(losses) < steps:
+            for index in range(len(batches.epoch_batches(epoch))):
+                loss = loss_of(batches.batch_at(epoch, index))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if len(losses) >= steps:
+                    break
+            epoch += 1
+    return losses
+
+
 def recover(objective: Any, task: Any, features: Sequence[dict[str, Any]], steps: int, lr: float,
             batch_size: int = 16, seed: int = 0, progress: bool = False) -> list[float]:
     """A short fine-tune of backbone and head on the task loss (AdamW, linear decay); the losses."""
     if steps <= 0:
         return []
-    parameters = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     pad_id = task.tokenizer.pad_id if task.tokenizer.pad_id is not None else 0
     loader = BucketedLoader(list(features), batch_size, pad_id, shuffle=True, seed=seed)
+
+    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss, _ = task.loss(objective(batch, scores_only=True), batch)
+        return loss / max(task.count(batch), 1)  # type: ignore[no-any-return]
+
     objective.train()
-    losses: list[float] = []
-    epoch = 0
-    bar = tqdm(total=steps, disable=not progress, desc="recover", unit="step", leave=False)
-    while len(losses) < steps:
-        count = len(loader.epoch_batches(epoch))
-        if count == 0:
-            raise ConfigError([f"recovery needs at least {batch_size} examples; the data has {len(features)}"])
-        for index in range(count):
-            batch = loader.batch_at(epoch, index)
-            scores = objective(batch, scores_only=True)
-            loss, _ = task.loss(scores, batch)
-            loss = loss / max(task.count(batch), 1)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            if len(losses) >= steps:
-                break
-        epoch += 1
-    bar.close()
+    losses = short_training([p for p in objective.parameters() if p.requires_grad], loader, steps, lr, loss_of,
+                            "recover", progress=progress)
     objective.eval()
     return losses
 
