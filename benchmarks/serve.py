@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from models import smollm2_path  # noqa: E402
 
 from lmforge.hardware import cpu_flags, cpu_name  # noqa: E402
+from lmforge.serve import wait_until_ready  # noqa: E402
 from lmforge.serve.app import ServeSettings, create_app  # noqa: E402
 
 TEXTS = ["the service was quick and friendly", "worst delivery ever, never again", "it is ok I guess",
@@ -55,15 +56,7 @@ class Background:
                                                     access_log=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server did not start")
+        wait_until_ready(self.url, 300, alive=self.thread.is_alive)
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import httpx
 import pytest
 import uvicorn
 
+from lmforge.serve import wait_until_ready
 from lmforge.serve.app import ServeSettings, create_app
 from lmforge.serve.auth import ApiKeys
 from tests.deploy.conftest import task_runs  # noqa: F401  (shared fixture)
@@ -38,15 +38,7 @@ class Running:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and self.thread.is_alive():
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("the server did not become ready")
+        wait_until_ready(self.url, 120, alive=self.thread.is_alive)
 
     def client(self, key: str | None = KEY) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}

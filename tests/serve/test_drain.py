@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from lmforge.serve import wait_until_ready
 from tests.serve.conftest import KEY, free_port
 
 
@@ -25,15 +26,7 @@ def test_sigterm_during_load_loses_no_accepted_request(tiny_decoder_dir: Path, t
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "LMFORGE_TCMALLOC": "0"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise AssertionError("server did not start")
+        wait_until_ready(url, 120, alive=lambda: process.poll() is None)
         results: list[int | str] = []
         finished: list[float] = []
         body = {"messages": [{"role": "user", "content": "reverse: anna boris chen"}], "max_tokens": 200,
