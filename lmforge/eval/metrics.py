@@ -194,6 +194,32 @@ def ranking_metrics(labels: Sequence[float], scores: Sequence[float], groups: Se
     return metrics
 
 
+def retrieval_metrics(ranked: Sequence[Sequence[Any]], relevant: Sequence[Any | set[Any]],
+                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """hit@k (a relevant item among the first k), recall@k (share of the relevant items
+    found in the first k), NDCG@k (binary gains, log2 discount) and MRR@max(ks) (1 / rank of
+    the first relevant item, 0 past the cut-off), averaged over queries. ``relevant`` holds
+    one item or a set of items per query."""
+    if len(ranked) != len(relevant):
+        raise ValueError(f"{len(ranked)} rankings for {len(relevant)} queries")
+    cut = max(ks)
+    sums: dict[str, float] = collections.defaultdict(float)
+    for ranking, gold in zip(ranked, relevant):
+        wanted = gold if isinstance(gold, (set, frozenset)) else {gold}
+        hits = [item in wanted for item in list(ranking)[:cut]]
+        for k in ks:
+            found = sum(hits[:k])
+            sums[f"hit@{k}"] += float(found > 0)
+            sums[f"recall@{k}"] += found / max(len(wanted), 1)
+            dcg = sum(1.0 / np.log2(rank + 2) for rank, hit in enumerate(hits[:k]) if hit)
+            ideal = sum(1.0 / np.log2(rank + 2) for rank in range(min(len(wanted), k)))
+            sums[f"ndcg@{k}"] += dcg / ideal if ideal else 0.0
+        first = next((rank for rank, hit in enumerate(hits) if hit), None)
+        sums[f"mrr@{cut}"] += 1.0 / (first + 1) if first is not None else 0.0
+    count = max(len(ranked), 1)
+    return {name: value / count for name, value in sums.items()}
+
+
 # ------------------------------------------------------------------ generation
 def has_cjk(texts: Sequence[str]) -> bool:
     return any(_CJK.search(t) for t in texts)
