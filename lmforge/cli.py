@@ -501,8 +501,8 @@ def distill(teacher: str, output: str, data: list[str], student_layers: int | No
     print(f"student -> {output}")
 
 
-def serve(model: list[str], adapters: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
-          api_keys: str | None = None,
+def serve(model: list[str] | None = None, adapters: list[str] | None = None, app: list[str] | None = None,
+          generator: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_keys: str | None = None,
           max_body_bytes: int = 1_000_000, request_timeout: float = 60.0, drain_timeout: float = 30.0,
           max_queue: int = 256, max_batch: int = 32, batch_wait_ms: float = 5.0, log_level: str = "info") -> None:
     """Serve models over HTTP: task routes, OpenAI-compatible embeddings and chat, metrics.
@@ -511,6 +511,9 @@ def serve(model: list[str], adapters: list[str] | None = None, host: str = "127.
         model: model folders, runs or .gguf files, each optionally NAME=PATH (repeat for several).
         adapters: LoRA adapter folders NAME=DIR (RUN/model/adapter of a LoRA fine-tune of the served
             decoder); a request's "model": NAME runs with that adapter.
+        app: applications to serve beside the models, as NAME=FOLDER (`--app support KB` also works):
+            support (a knowledge base from `lmforge app support build`; page at /apps/support).
+        generator: a decoder with which the support app writes grounded answers on request.
         host: address to listen on (127.0.0.1 keeps it on this machine).
         port: TCP port.
         api_keys: a file of API keys (one per line, optionally 'NAME KEY'); without it anyone
@@ -542,8 +545,18 @@ def serve(model: list[str], adapters: list[str] | None = None, host: str = "127.
             raise LmforgeError(f"--adapters {item}: expected NAME=DIR")
         name, folder = item.split("=", 1)
         named[name] = folder
-    app = create_app(list(model), keys, settings, named)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+    extensions = []
+    for item in app or []:
+        name, _, folder = item.partition("=")
+        if name != "support" or not folder:
+            raise LmforgeError(f"--app {item}: expected support=KB_FOLDER (the one application served so far)")
+        from lmforge.apps.support_http import SupportApp
+
+        extensions.append(SupportApp(folder, generator))
+    if not model and not extensions:
+        raise LmforgeError("nothing to serve: give model folders and/or --app support KB")
+    application = create_app(list(model or []), keys, settings, named, extensions)
+    uvicorn.run(application, host=host, port=port, log_level=log_level, access_log=False,
                 timeout_graceful_shutdown=int(drain_timeout))
 
 
@@ -778,7 +791,12 @@ def main(argv: list[str] | None = None) -> int:
                 if arg.startswith("-"):
                     break
                 positional.append(arg)
-            argv = ["serve", *[x for m in positional for x in ("--model", m)], *argv[1 + len(positional):]]
+            rest = argv[1 + len(positional):]
+            for index in range(len(rest) - 2, -1, -1):  # `--app support KB` -> `--app support=KB`
+                if rest[index] == "--app" and "=" not in rest[index + 1] and index + 2 < len(rest) \
+                        and not rest[index + 2].startswith("-"):
+                    rest[index + 1: index + 3] = [f"{rest[index + 1]}={rest[index + 2]}"]
+            argv = ["serve", *[x for m in positional for x in ("--model", m)], *rest]
         if argv[:3] == ["app", "support", "ask"]:  # `lmforge app support ask --kb KB "question"`
             argv = _positional(argv, "question")
         if argv[:2] == ["pipeline", "run"] and len(argv) == 3 and not argv[2].startswith("-"):

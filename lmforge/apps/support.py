@@ -292,9 +292,12 @@ def _choose_threshold(kb: KnowledgeBase, validation: Sequence[FaqEntry]) -> tupl
         ids, scores = kb.rank(entry.question, kb.query_vector(entry.question), kb.alpha, 1)
         tops.append(float(scores[0]))
         right.append(int(ids[0]) == kb.position[entry.id])
-    candidates = sorted({0.0, *tops})
+    # every threshold between two neighbouring observed scores decides the same way: take the
+    # best gap, and its middle (the largest margin to the validation scores on either side)
+    points = sorted({0.0, *tops})
     best, best_correct = 0.0, -1
-    for threshold in candidates:
+    for low, high in zip(points, [*points[1:], points[-1] + 0.1]):
+        threshold = (low + high) / 2
         correct = sum((score >= threshold) == ok for score, ok in zip(tops, right))
         if correct > best_correct:
             best, best_correct = threshold, correct
@@ -446,7 +449,7 @@ class KnowledgeBase:
         if handoff:
             result["reason"] = f"confidence {float(scores[0]):.3f} is below the handoff threshold {limit:.3f}"
         if self.category is not None:
-            probabilities = self.category.probabilities(self.query_vector(question) if query != question else vector)
+            probabilities = self.category.probabilities(vector)  # the question as resolved with its history
             best = int(np.argmax(probabilities))
             result["category"] = {"label": self.category.labels[best], "probability": round(float(probabilities[best]), 4)}
         return result
@@ -497,13 +500,26 @@ class GroundedWriter:
     def write(self, question: str, passages: Sequence[str]) -> dict[str, Any]:
         from lmforge.generation import GenerationConfig, generate
 
+        retrieved, passages = list(passages), list(passages)
+        room = int(self.model.config.max_position_embeddings) - self.max_new_tokens
+        prompt = self.prompt(question, passages)
+        while len(self.tokenizer.encode(prompt)) > room:  # fewer passages, then a shorter last one
+            if len(passages) > 1:
+                passages.pop()
+            else:
+                words_left = passages[0].split()
+                if len(words_left) <= 8:
+                    raise ConfigError([f"the question and one passage do not fit the decoder's {room} positions "
+                                       f"left after {self.max_new_tokens} new tokens"])
+                passages[0] = " ".join(words_left[: len(words_left) * 3 // 4])
+            prompt = self.prompt(question, passages)
         with self.lock:
-            text = generate(self.model, self.tokenizer, self.prompt(question, passages),
+            text = generate(self.model, self.tokenizer, prompt,
                             GenerationConfig(max_new_tokens=self.max_new_tokens))[0].strip()
         cited = sorted({int(n) for n in re.findall(r"\[(\d+)\]", text) if 1 <= int(n) <= len(passages)})
         support = support_of(re.sub(r"\[\d+\]", " ", text), passages)
         if support < self.min_support:
-            return {"answer": passages[0], "generated": False, "support": round(support, 3), "citations": [1],
+            return {"answer": retrieved[0], "generated": False, "support": round(support, 3), "citations": [1],
                     "draft": text, "fallback": f"the written answer had {support:.0%} of its words in the retrieved "
                                                 f"passages (needs {self.min_support:.0%}): the retrieved text is given"}
         return {"answer": text, "generated": True, "support": round(support, 3), "citations": cited or [1]}

@@ -14,6 +14,8 @@ Routes (all but /, /health and /ready need an API key when keys are configured):
     POST /v1/embeddings          OpenAI shape: {"model", "input": text | [texts]}
     POST /v1/chat/completions    OpenAI shape, with "stream": true for server-sent events
     POST /v1/completions         OpenAI shape
+    (apps)                       ``extensions`` add their routes and pages (e.g. the support
+                                 assistant's /v1/apps/support/* and /apps/support)
 
 Encoder requests are batched dynamically (``DynamicBatcher``); generation runs one request at a
 time per model (``Generator``). Errors are JSON ``{"error": {"message", "type", "code"}}``
@@ -32,7 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -118,12 +120,26 @@ class CompletionRequest(_Sampling):
 
 
 # ----------------------------------------------------------------------------- the app
+class Extension(Protocol):
+    """An application served beside the models: loaded at start-up (before /ready says 200),
+    then its routes are added; its ``pages`` are open like the playground (no data in them)."""
+
+    name: str
+    pages: tuple[str, ...]
+
+    def load(self) -> None: ...
+
+    def mount(self, app: FastAPI, server: Server) -> None: ...
+
+
 class Server:
     """What the routes share: models, batchers, keys, limits, metrics, readiness."""
 
     def __init__(self, specs: list[str] | list[Served], keys: ApiKeys | None, settings: ServeSettings,
-                 adapters: dict[str, str] | None = None) -> None:
+                 adapters: dict[str, str] | None = None, extensions: list[Extension] | None = None) -> None:
         self.specs, self.keys, self.settings = specs, keys, settings
+        self.extensions = list(extensions or [])
+        self.open_paths = (*OPEN_PATHS, *(page for e in self.extensions for page in e.pages))
         self.adapter_folders = dict(adapters or {})
         self.adapters: dict[str, str] = {}  # adapter name -> the served decoder it runs on
         self.metrics = ServerMetrics()
@@ -156,6 +172,8 @@ class Server:
                     raise LmforgeError(f"adapter {name!r} has the name of a served model; rename one")
                 await asyncio.to_thread(decoders[0].generator.add_adapter, name, folder)
                 self.adapters[name] = decoders[0].name
+        for extension in self.extensions:
+            await asyncio.to_thread(extension.load)
         self.ready = True
 
     async def stop(self) -> None:
@@ -205,10 +223,12 @@ class Server:
 
 
 def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None,
-               settings: ServeSettings | None = None, adapters: dict[str, str] | None = None) -> FastAPI:
+               settings: ServeSettings | None = None, adapters: dict[str, str] | None = None,
+               extensions: list[Extension] | None = None) -> FastAPI:
     """The app serving ``models`` (``NAME=PATH`` or paths); ``adapters`` (name -> adapter
-    folder) run on the served decoder and are chosen by the request's ``model``."""
-    server = Server(models, api_keys, settings or ServeSettings(), adapters)
+    folder) run on the served decoder and are chosen by the request's ``model``;
+    ``extensions`` are applications with their own routes, behind the same keys and limits."""
+    server = Server(models, api_keys, settings or ServeSettings(), adapters, extensions)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -226,7 +246,7 @@ def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None
         key_name = None
         response: Response
         try:
-            if route not in OPEN_PATHS and server.keys is not None:
+            if route not in server.open_paths and server.keys is not None:
                 key_name = server.keys.check(presented_key(request.headers.get("authorization"),
                                                            request.headers.get("x-api-key")))
                 if key_name is None:
@@ -236,7 +256,7 @@ def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None
             if length is not None and length.isdigit() and int(length) > server.settings.max_body_bytes:
                 raise ApiError(413, f"the body has {int(length):,} bytes; the limit is "
                                     f"{server.settings.max_body_bytes:,}", "request_too_large")
-            if not server.accepting and route not in OPEN_PATHS:
+            if not server.accepting and route not in server.open_paths:
                 raise ApiError(503, "the server is shutting down", "unavailable", {"Retry-After": "1"})
             response = await call_next(request)
         except ApiError as error:
@@ -279,7 +299,7 @@ def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
-        body = {"ready": server.ready, "models": list(server.models)}
+        body = {"ready": server.ready, "models": list(server.models), "apps": [e.name for e in server.extensions]}
         return JSONResponse(body, status_code=200 if server.ready and server.accepting else 503)
 
     @app.get("/metrics")
@@ -466,6 +486,8 @@ def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None
     async def completions(request: Request, body: CompletionRequest) -> Response:
         return await generation(request, body, None, body.prompt)
 
+    for extension in server.extensions:
+        extension.mount(app, server)
     return app
 
 

@@ -29,10 +29,10 @@ def free_port() -> int:
 
 class Running:
     def __init__(self, models: list[str], settings: ServeSettings, keys: ApiKeys | None,
-                 adapters: dict[str, str] | None = None) -> None:
+                 adapters: dict[str, str] | None = None, extensions: list | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app = create_app(models, keys, settings, adapters)
+        self.app = create_app(models, keys, settings, adapters, extensions)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
@@ -50,9 +50,9 @@ class Running:
 
 
 def start(models: list[str], settings: ServeSettings | None = None, keys: bool = True,
-          adapters: dict[str, str] | None = None) -> Running:
+          adapters: dict[str, str] | None = None, extensions: list | None = None) -> Running:
     api_keys = ApiKeys({"alice": KEY, "bob": OTHER_KEY}) if keys else None
-    return Running(models, settings or ServeSettings(), api_keys, adapters)
+    return Running(models, settings or ServeSettings(), api_keys, adapters, extensions)
 
 
 @pytest.fixture(scope="module")
