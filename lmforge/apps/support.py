@@ -62,6 +62,7 @@ PACKAGED_FAQS = {
                             "pip install zaragoza-construction-faq", "CC-BY-4.0, Zaragoza AB"),
 }
 # words that point back to an earlier turn: a question holding one is read with the last one
+FOLLOW_UP_WEIGHT = 0.7  # the topic's share of a follow-up's query vector
 REFERRING = frozenset("that it this those these they them there its their such same one".split())
 
 
@@ -276,7 +277,7 @@ def _choose_alpha(kb: KnowledgeBase, validation: Sequence[FaqEntry]) -> tuple[fl
     queries = [kb.query_vector(e.question) for e in validation]
     scores = {}
     for alpha in ALPHAS:
-        ranked = [kb.rank(e.question, v, alpha, 10)[0] for e, v in zip(validation, queries)]
+        ranked = [kb.rank(e.question, v, alpha, 10)[0] for e, v in zip(validation, queries, strict=True)]
         scores[str(alpha)] = round(retrieval_metrics(ranked, gold)["mrr@10"], 4)
     best = max(ALPHAS, key=lambda a: (scores[str(a)], a))  # ties: the more semantic side
     return best, scores
@@ -296,9 +297,9 @@ def _choose_threshold(kb: KnowledgeBase, validation: Sequence[FaqEntry]) -> tupl
     # best gap, and its middle (the largest margin to the validation scores on either side)
     points = sorted({0.0, *tops})
     best, best_correct = 0.0, -1
-    for low, high in zip(points, [*points[1:], points[-1] + 0.1]):
+    for low, high in zip(points, [*points[1:], points[-1] + 0.1], strict=True):
         threshold = (low + high) / 2
-        correct = sum((score >= threshold) == ok for score, ok in zip(tops, right))
+        correct = sum((score >= threshold) == ok for score, ok in zip(tops, right, strict=True))
         if correct > best_correct:
             best, best_correct = threshold, correct
     return round(best, 4), {"decisions_right": round(best_correct / len(validation), 4),
@@ -422,20 +423,39 @@ class KnowledgeBase:
         return hybrid((candidates, self.vectors.scores_for(vector, candidates)),
                       (candidates, self.lexical.scores_for(text, candidates)), alpha, k)
 
-    def ask(self, question: str, history: Sequence[str] = (), k: int = 5,
-            threshold: float | None = None) -> dict[str, Any]:
-        """The best entry for ``question``; ``history`` holds the session's earlier user
-        questions (a question that refers back, or has under 4 content words, is read
-        together with the last of them)."""
+    @staticmethod
+    def is_follow_up(question: str) -> bool:
+        """A question that points back (that, it, those...) or has at most 2 content words."""
+        return bool(REFERRING & set(re.findall(r"\w+", question.casefold()))) or len(words(question)) <= 2
+
+    def topic_of(self, history: Sequence[str]) -> str:
+        """The last earlier question that stood on its own (else the first one)."""
+        return next((q for q in reversed(history) if not self.is_follow_up(q)), history[0])
+
+    def ask(self, question: str, history: Sequence[str] = (), k: int = 5, threshold: float | None = None,
+            previous: str | None = None) -> dict[str, Any]:
+        """The best entry for ``question``. ``history`` holds the session's earlier user
+        questions, oldest first; a follow-up (``is_follow_up``) is searched with its topic
+        (``topic_of``): the two question vectors summed (the topic at weight 0.7), BM25 on
+        both texts, and the entry that answered the topic (``previous``, an entry id) left
+        out, since a follow-up asks something further about it. On 15 follow-ups written
+        for the construction FAQ this found 10 against 0 for the question alone and 4 for
+        the two texts embedded together (benchmarks/support.py)."""
         question = question.strip()
         if not question:
             raise DataError("the question is empty")
-        query = question
-        content = words(question)
-        if history and (REFERRING & set(re.findall(r"\w+", question.casefold())) or len(content) < 4):
-            query = f"{history[-1]} {question}"
-        vector = self.query_vector(query)
-        ids, scores = self.rank(query, vector, self.alpha, k)
+        query, vector, exclude = question, self.query_vector(question), None
+        if history and self.is_follow_up(question):
+            topic = self.topic_of(history)
+            query = f"{topic} {question}"
+            mixed = vector + FOLLOW_UP_WEIGHT * self.query_vector(topic)
+            vector = mixed / max(float(np.linalg.norm(mixed)), 1e-12)
+            if previous is None:
+                previous = self.entries[int(self.rank(topic, self.query_vector(topic), self.alpha, 1)[0][0])].id
+            exclude = self.position.get(previous)
+        ids, scores = self.rank(query, vector, self.alpha, k + 1)
+        keep = [i for i, entry in enumerate(ids) if int(entry) != exclude][:k]
+        ids, scores = ids[keep], scores[keep]
         top = self.entries[int(ids[0])]
         limit = self.threshold if threshold is None else threshold
         handoff = float(scores[0]) < limit
@@ -444,7 +464,7 @@ class KnowledgeBase:
             "entry": {"id": top.id, "question": top.question, "category": top.category},
             "handoff": handoff, "threshold": limit,
             "candidates": [{"id": self.entries[int(i)].id, "question": self.entries[int(i)].question,
-                            "score": round(float(s), 4)} for i, s in zip(ids, scores)],
+                            "score": round(float(s), 4)} for i, s in zip(ids, scores, strict=True)],
         }
         if handoff:
             result["reason"] = f"confidence {float(scores[0]):.3f} is below the handoff threshold {limit:.3f}"
@@ -566,7 +586,9 @@ class Assistant:
 
     def chat(self, message: str, session_id: str | None = None, generate: bool = False) -> dict[str, Any]:
         session = self.session(session_id)
-        result = self.kb.ask(message, history=session.questions())
+        answered = [t for t in session.turns if t["role"] == "assistant" and not t["handoff"]]
+        result = self.kb.ask(message, history=session.questions(),
+                             previous=answered[-1]["entry"] if answered else None)
         if generate and not result["handoff"]:
             if self.writer is None:
                 raise ConfigError(["generative answers need a decoder: start with --generator MODEL"])
@@ -655,6 +677,6 @@ def evaluate_kb(kb: KnowledgeBase, pairs: Sequence[tuple[FaqEntry, int]]) -> dic
     if categories_total:
         summary["category_accuracy"] = round(categories_right / categories_total, 4)
         summary["category_of_entry_accuracy"] = round(
-            sum(kb.entries[r[0]].category == e.category for r, (e, _) in zip(ranked_hybrid, pairs)) / len(pairs), 4)
+            sum(kb.entries[r[0]].category == e.category for r, (e, _) in zip(ranked_hybrid, pairs, strict=True)) / len(pairs), 4)
     summary["handoff_share"] = round(handed / len(pairs), 4)
     return summary

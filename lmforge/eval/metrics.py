@@ -204,7 +204,7 @@ def retrieval_metrics(ranked: Sequence[Sequence[Any]], relevant: Sequence[Any | 
         raise ValueError(f"{len(ranked)} rankings for {len(relevant)} queries")
     cut = max(ks)
     sums: dict[str, float] = collections.defaultdict(float)
-    for ranking, gold in zip(ranked, relevant):
+    for ranking, gold in zip(ranked, relevant, strict=True):
         wanted = gold if isinstance(gold, (set, frozenset)) else {gold}
         hits = [item in wanted for item in list(ranking)[:cut]]
         for k in ks:

@@ -146,7 +146,7 @@ def pair_features(encoder: SentenceEncoder, pairs: Sequence[Pair]) -> list[dict[
     queries = encoder.tokens([p.query for p in pairs])
     documents = encoder.tokens([p.document for p in pairs])
     return [{"input_ids": q, "doc_input_ids": d, "doc_key": keys.setdefault(p.doc_key, len(keys))}
-            for q, d, p in zip(queries, documents, pairs)]
+            for q, d, p in zip(queries, documents, pairs, strict=True)]
 
 
 def train_bi_encoder(encoder: SentenceEncoder, pairs: Sequence[Pair], run_dir: str | Path, steps: int | None = None,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tasks.conftest import tiny_decoder_dir, tiny_encoder_dir  # noqa: F401  (shared fixtures)
+
 FAQ = [
     ("permit-apply", "permits", "How do I apply for a building permit?",
      "Send the building permit application to the municipality's building committee with drawings and a site plan."),

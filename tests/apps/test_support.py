@@ -10,13 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.apps.support import (Assistant, GroundedWriter, KnowledgeBase, evaluate_kb, evaluation_entries,
-                                  read_faq, support_of)
+from lmforge.apps.support import Assistant, GroundedWriter, KnowledgeBase, evaluate_kb, evaluation_entries, read_faq, support_of
 from lmforge.cli import main
 from lmforge.errors import CorruptFileError, DataError
 from lmforge.eval.metrics import retrieval_metrics
 from tests.apps.conftest import FAQ, write_faq
-from tests.tasks.conftest import tiny_decoder_dir, tiny_encoder_dir  # noqa: F401  (shared fixtures)
 
 
 @pytest.fixture(scope="module")
