@@ -9,7 +9,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +167,35 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
                     raise corrupt(f"tensor {name} is cut short")
             tensors[name] = tensor
     return tensors
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_manifest(folder: str | Path, skip: Sequence[str] = ("logs",)) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` by relative path (``manifest.json`` itself and
+    the ``skip`` sub-folders left out)."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "manifest.json" and not set(skip) & set(p.relative_to(folder).parts)}
+
+
+def check_manifest(folder: str | Path, what: str) -> None:
+    """Refuse a folder whose files differ from its ``manifest.json`` (naming them)."""
+    folder = Path(folder)
+    if not (folder / "manifest.json").exists():
+        raise CorruptFileError(f"{folder}: manifest.json is missing; rebuild the {what}")
+    recorded, actual = read_json(folder / "manifest.json"), folder_manifest(folder)
+    changed = sorted(name for name in set(recorded) | set(actual) if recorded.get(name) != actual.get(name))
+    if changed:
+        raise CorruptFileError(f"{folder}: files changed since the build: {', '.join(changed[:6])}; rebuild the "
+                               f"{what} instead of editing it")
+

@@ -70,6 +70,7 @@ def test_encoders_and_decoders_are_backbones() -> None:
     ["--help"], ["generate", "--help"], ["evaluate", "--help"], ["predict", "--help"], ["tokenizer", "train", "--help"],
     ["prepare", "--help"], ["corpora", "--help"], ["report", "--help"], ["pipeline", "run", "--help"],
     ["pretrain", "--help"], ["finetune", "--help"], ["transfer", "curve", "--help"],
+    ["app", "support", "build", "--help"], ["app", "support", "ask", "--help"], ["serve", "--help"],
 ])
 def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     from lmforge.cli import main

@@ -26,7 +26,6 @@ dense and BM25 scores and the handoff threshold are chosen on the validation que
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -46,7 +45,7 @@ from lmforge.data.corpora import package_dir, split_of
 from lmforge.data.sources import read_examples
 from lmforge.errors import ConfigError, CorruptFileError, DataError
 from lmforge.eval.metrics import retrieval_metrics
-from lmforge.fileio import atomic_directory, read_json, write_json
+from lmforge.fileio import atomic_directory, check_manifest, folder_manifest, read_json, sha256_file, write_json
 from lmforge.retrieval.encoder import Pair, SentenceEncoder, train_bi_encoder
 from lmforge.retrieval.index import LexicalIndex, VectorIndex, hybrid, words
 
@@ -148,14 +147,6 @@ def read_faq(path: str | Path, question_field: str = "question", answer_field: s
     return entries
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------- building
 @dataclass
 class BuildConfig:
@@ -226,7 +217,7 @@ def build_kb(faq: str, output: str | Path, model: str | Path | None = None, ques
     kb.category = category
     settings = {
         "version": KB_VERSION, "alpha": kb.alpha, "threshold": kb.threshold, "max_tokens": encoder.max_tokens,
-        "faq": {"path": str(path.resolve()), "sha256": sha256_of(path), "entries": len(entries), "provenance": provenance,
+        "faq": {"path": str(path.resolve()), "sha256": sha256_file(path), "entries": len(entries), "provenance": provenance,
                 "fields": {"question": q_field, "answer": a_field, "category": c_field, "id": id_field},
                 "duplicates": duplicates},
         "encoder": {"source": str(source), "trained": training},
@@ -249,7 +240,7 @@ def build_kb(faq: str, output: str | Path, model: str | Path | None = None, ques
             for entry in entries:
                 handle.write(json.dumps(asdict(entry), ensure_ascii=False) + "\n")
         write_json(folder / "kb.json", settings)
-        write_json(folder / "manifest.json", _manifest(folder))
+        write_json(folder / "manifest.json", folder_manifest(folder))
     return settings
 
 
@@ -262,11 +253,6 @@ def _last_loss(run: Path) -> float | None:
             if "loss" in record and record.get("split", "train") == "train":
                 losses.append(record["loss"])
     return round(float(losses[-1]), 4) if losses else None
-
-
-def _manifest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): sha256_of(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "manifest.json" and "logs" not in p.relative_to(folder).parts}
 
 
 def _choose_alpha(kb: KnowledgeBase, validation: Sequence[FaqEntry]) -> tuple[float, dict[str, float]]:
@@ -379,14 +365,7 @@ class KnowledgeBase:
         if not (folder / "kb.json").exists():
             raise CorruptFileError(f"{folder}: not a support knowledge base (no kb.json); build one with "
                                    "`lmforge app support build`")
-        manifest = read_json(folder / "manifest.json") if (folder / "manifest.json").exists() else None
-        if manifest is None:
-            raise CorruptFileError(f"{folder}: manifest.json is missing; rebuild the knowledge base")
-        actual = _manifest(folder)
-        changed = sorted(name for name in set(manifest) | set(actual) if manifest.get(name) != actual.get(name))
-        if changed:
-            raise CorruptFileError(f"{folder}: files changed since the build: {', '.join(changed[:6])}; rebuild the "
-                                   "knowledge base (lmforge app support build) instead of editing it")
+        check_manifest(folder, "knowledge base (lmforge app support build)")
         settings = read_json(folder / "kb.json")
         if settings.get("version") != KB_VERSION:
             raise CorruptFileError(f"{folder}: knowledge-base version {settings.get('version')}, this lmforge reads "

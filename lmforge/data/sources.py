@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 TextMode = Literal["file", "blocks", "lines"]
 OnError = Literal["raise", "skip"]
-FORMATS = ("text", "jsonl", "csv", "tsv", "parquet")
+FORMATS = ("text", "jsonl", "csv", "tsv", "parquet", "atomic")
 
 
 @dataclass
@@ -71,7 +71,8 @@ def detect_format(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes]
     for suffix in reversed(suffixes):
         name = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
-                ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}.get(suffix)
+                ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text",
+                ".inter": "atomic", ".item": "atomic", ".user": "atomic"}.get(suffix)
         if name:
             return name
     return "text"
@@ -143,9 +144,14 @@ def _records(path: Path, fmt: str, on_error: OnError, stats: SourceStats) -> Ite
                 stats.skip(message)
                 continue
             yield number, record
-    elif fmt in ("csv", "tsv"):
+    elif fmt in ("csv", "tsv", "atomic"):
+        # atomic: RecBole's .inter / .item / .user files, TSV whose header names carry a type
+        # ("user_id:token"); the names are read without it, and quotes are not special
         text = (line for _, line in text_lines(path))
-        reader = csv.DictReader(text, delimiter="\t" if fmt == "tsv" else ",")
+        reader = csv.DictReader(text, delimiter="," if fmt == "csv" else "\t",
+                                quoting=csv.QUOTE_NONE if fmt == "atomic" else csv.QUOTE_MINIMAL)
+        if fmt == "atomic":
+            reader.fieldnames = [name.split(":", 1)[0] for name in reader.fieldnames or []]
         for record in reader:
             number = reader.line_num
             if None in record or any(v is None for v in record.values()):

@@ -14,6 +14,7 @@ from lmforge.apps.support import Assistant, GroundedWriter, KnowledgeBase, evalu
 from lmforge.cli import main
 from lmforge.errors import CorruptFileError, DataError
 from lmforge.eval.metrics import retrieval_metrics
+from lmforge.fileio import folder_manifest
 from tests.apps.conftest import FAQ, write_faq
 
 
@@ -136,9 +137,7 @@ def test_a_changed_or_foreign_knowledge_base_is_refused(kb_dir: Path, tmp_path: 
     shutil.rmtree(foreign / "encoder")
     shutil.copytree(tiny_encoder_dir, foreign / "encoder")
     manifest = json.loads((foreign / "manifest.json").read_text())
-    from lmforge.apps.support import _manifest
-
-    (foreign / "manifest.json").write_text(json.dumps({**manifest, **_manifest(foreign)}))
+    (foreign / "manifest.json").write_text(json.dumps({**manifest, **folder_manifest(foreign)}))
     with pytest.raises(CorruptFileError, match="another encoder"):
         KnowledgeBase.load(foreign)
 
