@@ -512,7 +512,8 @@ def serve(model: list[str] | None = None, adapters: list[str] | None = None, app
         adapters: LoRA adapter folders NAME=DIR (RUN/model/adapter of a LoRA fine-tune of the served
             decoder); a request's "model": NAME runs with that adapter.
         app: applications to serve beside the models, as NAME=FOLDER (`--app support KB` also works):
-            support (a knowledge base from `lmforge app support build`; page at /apps/support).
+            support (a knowledge base from `lmforge app support build`; page at /apps/support),
+            recommend (a folder from `lmforge app recommend build`; page at /apps/recommend).
         generator: a decoder with which the support app writes grounded answers on request.
         host: address to listen on (127.0.0.1 keeps it on this machine).
         port: TCP port.
@@ -545,14 +546,19 @@ def serve(model: list[str] | None = None, adapters: list[str] | None = None, app
             raise LmforgeError(f"--adapters {item}: expected NAME=DIR")
         name, folder = item.split("=", 1)
         named[name] = folder
-    extensions = []
+    extensions: list[Any] = []
     for item in app or []:
         name, _, folder = item.partition("=")
-        if name != "support" or not folder:
-            raise LmforgeError(f"--app {item}: expected support=KB_FOLDER (the one application served so far)")
-        from lmforge.apps.support_http import SupportApp
+        if name not in ("support", "recommend") or not folder:
+            raise LmforgeError(f"--app {item}: expected support=KB_FOLDER or recommend=REC_FOLDER")
+        if name == "support":
+            from lmforge.apps.support_http import SupportApp
 
-        extensions.append(SupportApp(folder, generator))
+            extensions.append(SupportApp(folder, generator))
+        else:
+            from lmforge.apps.recommend_http import RecommendApp
+
+            extensions.append(RecommendApp(folder))
     if not model and not extensions:
         raise LmforgeError("nothing to serve: give model folders and/or --app support KB")
     application = create_app(list(model or []), keys, settings, named, extensions)
@@ -677,6 +683,113 @@ def support_chat(kb: str, generator: str | None = None, log_dir: str | None = No
               f"{', handed off' if result['handoff'] else ''}]")
 
 
+def recommend_build(interactions: str, output: str, items: str | None = None, model: str | None = None,
+                    user_field: str | None = None, item_field: str | None = None, rating_field: str | None = None,
+                    time_field: str | None = None, item_id_field: str | None = None, text_fields: str | None = None,
+                    split: Literal["random", "time"] = "random", test_share: float = 0.2, cold_share: float = 0.1,
+                    validation_share: float = 0.1, history: int = 10, steps: int = 300, batch_size: int = 32,
+                    lr: float = 5e-5, seed: int = 0) -> None:
+    """Build a text-based recommender: split the interactions (cold-start items held out whole),
+    train a two-tower model on item text and user history, fit ItemKNN and popularity, index
+    the items, choose the hybrid's weight on validation.
+
+    Args:
+        interactions: CSV / JSONL / Parquet / RecBole .inter file (user, item[, rating, time]), or
+            corpus:ml-100k (MovieLens-100k from the recbole wheel, read where installed).
+        output: the recommender folder to write.
+        items: the items file (id and text fields); not needed with corpus:ml-100k.
+        model: the encoder of both towers (default: MiniLM-L6).
+        user_field: the user id field of INTERACTIONS (default "user").
+        item_field: the item id field of INTERACTIONS (default "item").
+        rating_field: the rating field, if any.
+        time_field: the time field, if any (needed by --split time).
+        item_id_field: the item id field of ITEMS (default: the --item-field name).
+        text_fields: the item fields whose text the item tower reads, comma-separated (default "title").
+        split: random (20% of interactions) or time (each user's latest 20%).
+        test_share: the held-out share of each user's interactions.
+        cold_share: the share of items held out whole, seen only as text (cold-start).
+        validation_share: training interactions that choose the hybrid's weight.
+        history: most recent items the user tower reads.
+        steps: training steps of the towers (0 keeps the encoder untuned).
+        batch_size: pairs per step (the others are each pair's negatives).
+        lr: AdamW learning rate.
+        seed: split and training seed.
+    """
+    from lmforge.apps.recommend import RecConfig, build_rec
+
+    config = RecConfig(split=split, test_share=test_share, cold_share=cold_share, validation_share=validation_share,
+                       history=history, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    fields = [f.strip() for f in text_fields.split(",") if f.strip()] if text_fields else None
+    settings = build_rec(interactions, output, items, model, user_field, item_field, rating_field, time_field,
+                         item_id_field, fields, config)
+    counts = settings["split"]["counts"]
+    print(f"recommender {output}: {settings['data']['users']} users, {settings['data']['item_count']} items "
+          f"({settings['split']['cold_items']} cold-start); {counts['train']} training, {counts['test']} test and "
+          f"{counts['cold']} cold-start interactions; two-tower weight {settings['alpha']}")
+
+
+def recommend_eval(rec: str, k: int = 10, split: Literal["random", "time"] | None = None, json: bool = False) -> None:
+    """Score a recommender and the baselines on its held-out interactions: NDCG@k, recall@k,
+    hit@k, coverage, cold-start recall@k; the last line is JSON with --json.
+
+    Args:
+        rec: the recommender folder (from `lmforge app recommend build`).
+        k: the cut-off.
+        split: the split the folder must have been built with (a check; the split is chosen at build).
+        json: print the metrics as one JSON line last.
+    """
+    import json as json_module
+
+    from lmforge.apps.recommend import Recommender, evaluate_rec
+
+    model = Recommender.load(rec)
+    if split is not None and split != model.settings["split"]["how"]:
+        raise LmforgeError(f"{rec} was built with --split {model.settings['split']['how']}; rebuild it with "
+                           f"--split {split} to evaluate that split")
+    summary = evaluate_rec(model, k)
+    print(f"{summary['warm_users']} users with held-out items, {summary['cold_users']} with cold-start items "
+          f"({summary['cold_items']} items never trained on)")
+    print(f"{'ranker':<18} {'NDCG@' + str(k):>8} {'recall@' + str(k):>9} {'hit@' + str(k):>7} {'coverage':>9} "
+          f"{'cold recall@' + str(k):>15}")
+    for name, row in summary["rankers"].items():
+        print(f"{name:<18} {row[f'ndcg@{k}']:>8.4f} {row[f'recall@{k}']:>9.4f} {row[f'hit@{k}']:>7.4f} "
+              f"{row['coverage']:>9.4f} {row[f'cold_recall@{k}']:>15.4f}")
+    if "latency_ms_p99" in summary:
+        print(f"latency per user p50 {summary['latency_ms_p50']} ms, p99 {summary['latency_ms_p99']} ms")
+    if json:
+        print(json_module.dumps(summary))
+
+
+def recommend_user(rec: str, user: str, n: int = 10) -> None:
+    """Recommend items to a user (JSON: recent history and the top N).
+
+    Args:
+        rec: the recommender folder.
+        user: the user id.
+        n: how many items.
+    """
+    import json as json_module
+
+    from lmforge.apps.recommend import Recommender
+
+    print(json_module.dumps(Recommender.load(rec).for_user(user, n), ensure_ascii=False, indent=2))
+
+
+def recommend_similar(rec: str, item: str, n: int = 10) -> None:
+    """Items like one item (JSON), by text and co-occurrence.
+
+    Args:
+        rec: the recommender folder.
+        item: the item id.
+        n: how many items.
+    """
+    import json as json_module
+
+    from lmforge.apps.recommend import Recommender
+
+    print(json_module.dumps(Recommender.load(rec).similar(item, n), ensure_ascii=False, indent=2))
+
+
 COMMANDS: dict[str, Any] = {
     "report": report,
     "evaluate": evaluate,
@@ -691,7 +804,9 @@ COMMANDS: dict[str, Any] = {
     "prune": prune,
     "distill": distill,
     "serve": serve,
-    "app": {"support": {"build": support_build, "ask": support_ask, "eval": support_eval, "chat": support_chat}},
+    "app": {"support": {"build": support_build, "ask": support_ask, "eval": support_eval, "chat": support_chat},
+            "recommend": {"build": recommend_build, "eval": recommend_eval, "user": recommend_user,
+                          "similar": recommend_similar}},
 }
 
 
@@ -799,6 +914,8 @@ def main(argv: list[str] | None = None) -> int:
             argv = ["serve", *[x for m in positional for x in ("--model", m)], *rest]
         if argv[:3] == ["app", "support", "ask"]:  # `lmforge app support ask --kb KB "question"`
             argv = _positional(argv, "question")
+        if argv[:2] == ["app", "recommend"]:  # `-n 10`
+            argv = ["--n" if arg == "-n" else arg for arg in argv]
         if argv[:2] == ["pipeline", "run"] and len(argv) == 3 and not argv[2].startswith("-"):
             argv = [*argv[:2], "--file", argv[2]]  # `lmforge pipeline run FILE`
         if argv[:2] == ["transfer", "curve"]:

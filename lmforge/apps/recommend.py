@@ -43,7 +43,7 @@ import numpy as np
 from lmforge.data.corpora import package_dir, split_of
 from lmforge.data.sources import read_examples
 from lmforge.errors import ConfigError, CorruptFileError, DataError
-from lmforge.eval.metrics import retrieval_metrics
+from lmforge.eval.metrics import coverage, retrieval_metrics
 from lmforge.fileio import atomic_directory, check_manifest, folder_manifest, read_json, sha256_file, write_json
 from lmforge.retrieval.encoder import Pair, SentenceEncoder, train_bi_encoder
 from lmforge.retrieval.index import LexicalIndex, VectorIndex
@@ -611,11 +611,10 @@ def evaluate_rec(rec: Recommender, k: int = 10, seed: int = 0) -> dict[str, Any]
         cold_users = [u for u in users if u in cold]
         cold_metrics = retrieval_metrics([ranked[u] for u in cold_users], [cold[u] for u in cold_users], ks=(k,)) \
             if cold_users else {f"recall@{k}": float("nan")}
-        covered = {item for u in users for item in ranked[u]}
         summary["rankers"][name] = {f"ndcg@{k}": round(metrics[f"ndcg@{k}"], 4),
                                     f"recall@{k}": round(metrics[f"recall@{k}"], 4),
                                     f"hit@{k}": round(metrics[f"hit@{k}"], 4),
-                                    "coverage": round(len(covered) / len(catalogue.item_ids), 4),
+                                    "coverage": round(coverage([ranked[u] for u in users], len(catalogue.item_ids)), 4),
                                     f"cold_recall@{k}": round(cold_metrics[f"recall@{k}"], 4)}
     summary.update({f"{key}": value for key, value in summary["rankers"]["hybrid"].items()})
     if latencies:

@@ -220,6 +220,13 @@ def retrieval_metrics(ranked: Sequence[Sequence[Any]], relevant: Sequence[Any | 
     return {name: value / count for name, value in sums.items()}
 
 
+def coverage(ranked: Sequence[Sequence[Any]], catalogue_size: int) -> float:
+    """Share of the catalogue that appears in at least one of the ranked lists."""
+    if catalogue_size <= 0:
+        raise ValueError("the catalogue is empty")
+    return len({item for ranking in ranked for item in ranking}) / catalogue_size
+
+
 # ------------------------------------------------------------------ generation
 def has_cjk(texts: Sequence[str]) -> bool:
     return any(_CJK.search(t) for t in texts)
