@@ -688,7 +688,7 @@ def recommend_build(interactions: str, output: str, items: str | None = None, mo
                     time_field: str | None = None, item_id_field: str | None = None, text_fields: str | None = None,
                     split: Literal["random", "time"] = "random", test_share: float = 0.2, cold_share: float = 0.1,
                     validation_share: float = 0.1, history: int = 10, steps: int = 300, batch_size: int = 32,
-                    lr: float = 5e-5, seed: int = 0) -> None:
+                    lr: float = 5e-5, seed: int = 0, lend_cold: bool = False) -> None:
     """Build a text-based recommender: split the interactions (cold-start items held out whole),
     train a two-tower model on item text and user history, fit ItemKNN and popularity, index
     the items, choose the hybrid's weight on validation.
@@ -714,11 +714,13 @@ def recommend_build(interactions: str, output: str, items: str | None = None, mo
         batch_size: pairs per step (the others are each pair's negatives).
         lr: AdamW learning rate.
         seed: split and training seed.
+        lend_cold: let items nobody has interacted with borrow the co-occurrence score of their
+            text neighbours in the hybrid (new items get shown; warm accuracy drops a little).
     """
     from lmforge.apps.recommend import RecConfig, build_rec
 
     config = RecConfig(split=split, test_share=test_share, cold_share=cold_share, validation_share=validation_share,
-                       history=history, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+                       history=history, steps=steps, batch_size=batch_size, lr=lr, seed=seed, lend_cold=lend_cold)
     fields = [f.strip() for f in text_fields.split(",") if f.strip()] if text_fields else None
     settings = build_rec(interactions, output, items, model, user_field, item_field, rating_field, time_field,
                          item_id_field, fields, config)

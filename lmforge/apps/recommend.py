@@ -290,6 +290,8 @@ class RecConfig:
     cold_share: float = 0.1
     validation_share: float = 0.1
     history: int = 10  # most recent items the user tower reads
+    logq: bool = True  # correct in-batch negatives for item popularity while training (Yi et al. 2019)
+    lend_cold: bool = False  # cold-start items borrow the co-occurrence score of their text neighbours
     steps: int = 300
     batch_size: int = 32
     lr: float = 5e-5
@@ -337,7 +339,7 @@ def build_rec(interactions: str, output: str | Path, items: str | None = None, m
     item_ids = list(texts)
     cold = split_interactions(rows, item_ids, config.split, config.test_share, config.cold_share,
                               config.validation_share, config.seed)
-    histories = fitted_histories(rows)
+    histories = fitted_histories(rows, ("train",))
     source = Path(model) if model else default_encoder()
     encoder_model, tokenizer = load_pretrained(source)
     if tokenizer is None:
@@ -346,23 +348,29 @@ def build_rec(interactions: str, output: str | Path, items: str | None = None, m
     started = time.perf_counter()
     training: dict[str, Any] = {"steps": 0}
     if config.steps > 0:
-        pairs = training_pairs(histories, texts, config.history, config.steps * config.batch_size, config.seed)
+        pairs = training_pairs(histories, texts, config.history, config.steps * config.batch_size, config.seed,
+                               config.logq)
         with tempfile.TemporaryDirectory(prefix="lmforge-recommend-") as scratch:
             summary = train_bi_encoder(encoder, pairs, Path(scratch) / "run", steps=config.steps,
                                        batch_size=config.batch_size, lr=config.lr, seed=config.seed,
                                        progress=progress)
         training = {"steps": int(summary["steps"]), "pairs": len(pairs), "batch_size": config.batch_size,
-                    "lr": config.lr}
+                    "lr": config.lr, "logq": config.logq}
     training["seconds"] = round(time.perf_counter() - started, 1)
     vectors = VectorIndex.build(encoder.embed([texts[i] for i in item_ids]))
     rec = Recommender(Catalogue(item_ids, [texts[i] for i in item_ids], histories), encoder, vectors,
                       LexicalIndex.build([texts[i] for i in item_ids]), alpha=0.5, history=config.history,
-                      settings={})
+                      settings={"lend_cold": config.lend_cold})
     rec.cache_users()
     validation = relevant_by_user(rows, ("validation",))
     rec.alpha, alpha_scores = choose_alpha(rec, validation)
+    final = Recommender(Catalogue(item_ids, [texts[i] for i in item_ids], fitted_histories(rows)), encoder, vectors,
+                        rec.lexical, rec.alpha, config.history, {"lend_cold": config.lend_cold})
+    final.cache_users()  # the weight is chosen; the validation rows now join the history
+    rec = final
     settings = {
         "version": REC_VERSION, "alpha": rec.alpha, "history": config.history, "max_tokens": encoder.max_tokens,
+        "lend_cold": config.lend_cold,
         "data": {"interactions": str(inter_path.resolve()), "items": str(item_path.resolve()),
                  "sha256": {"interactions": sha256_file(inter_path), "items": sha256_file(item_path)},
                  "fields": fields, "text_fields": list(text_fields), "provenance": provenance,
@@ -395,11 +403,14 @@ def build_rec(interactions: str, output: str | Path, items: str | None = None, m
     return settings
 
 
-def fitted_histories(rows: Sequence[Interaction]) -> dict[str, list[str]]:
-    """user -> the items of their training rows, oldest first (every user, even with none)."""
+def fitted_histories(rows: Sequence[Interaction], splits: Sequence[str] = ("train", "validation")
+                     ) -> dict[str, list[str]]:
+    """user -> the items of their rows in ``splits``, oldest first (every user, even with
+    none). The hybrid's weight is chosen with the training rows alone; the recommender then
+    knows the validation rows too (popularity, ItemKNN, user vectors, items left out)."""
     by_user: dict[str, list[Interaction]] = {r.user: [] for r in rows}
     for row in rows:
-        if row.split == "train":
+        if row.split in splits:
             by_user[row.user].append(row)
     return {user: [r.item for r in sorted(history, key=lambda r: (r.time or 0.0, r.source))]
             for user, history in by_user.items()}
@@ -414,20 +425,25 @@ def relevant_by_user(rows: Sequence[Interaction], splits: Sequence[str]) -> dict
 
 
 def training_pairs(histories: dict[str, list[str]], texts: dict[str, str], length: int, count: int,
-                   seed: int) -> list[Pair]:
+                   seed: int, logq: bool = False) -> list[Pair]:
     """``count`` (history text, next item text) pairs drawn without replacement (seeded) from
-    every position after a user's first training item."""
+    every position after a user's first training item; with ``logq`` each pair carries the
+    log of its item's share of all positives (``ContrastiveObjective``'s correction)."""
     positions = [(user, p) for user, history in histories.items() for p in range(1, len(history))]
     if len(positions) < 2:
         raise DataError("the training interactions give fewer than 2 (history, next item) pairs: each user needs "
                         "at least 2 training interactions for the towers to learn from")
+    counts: dict[str, int] = defaultdict(int)
+    for user, p in positions:
+        counts[histories[user][p]] += 1
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(positions), size=min(count, len(positions)), replace=False)
     pairs = []
     for index in chosen:
         user, p = positions[int(index)]
         history = histories[user]
-        pairs.append(Pair(user_text(history[:p], texts, length), texts[history[p]], history[p]))
+        log_q = math.log(counts[history[p]] / len(positions)) if logq else 0.0
+        pairs.append(Pair(user_text(history[:p], texts, length), texts[history[p]], history[p], log_q))
     return pairs
 
 
@@ -453,6 +469,7 @@ class Recommender:
                  alpha: float, history: int, settings: dict[str, Any]) -> None:
         self.catalogue, self.encoder, self.vectors, self.lexical = catalogue, encoder, vectors, lexical
         self.alpha, self.history, self.settings = alpha, history, settings
+        self.lend_cold = bool(settings.get("lend_cold", False))
         self.lock = threading.Lock()
         self.texts = dict(zip(catalogue.item_ids, catalogue.texts, strict=True))
         self.user_rows: dict[str, int] = {}
@@ -520,13 +537,17 @@ class Recommender:
         """Per-item score arrays of one user: two-tower, ItemKNN, and the items to leave out."""
         vector = self.user_vector(user)
         tower = self.vectors.vectors @ vector if vector is not None else np.zeros(len(self.catalogue.item_ids))
-        knn = self.catalogue.with_borrowed(self.catalogue.knn_scores(user))
-        return {"tower": tower, "knn": knn, "seen": self.catalogue.seen(user)}
+        knn = self.catalogue.knn_scores(user)
+        return {"tower": tower, "knn": knn, "lent": self.catalogue.with_borrowed(knn), "seen": self.catalogue.seen(user)}
 
-    def blend(self, parts: dict[str, np.ndarray], alpha: float, n: int) -> np.ndarray:
+    def blend(self, parts: dict[str, np.ndarray], alpha: float, n: int, lend: bool | None = None) -> np.ndarray:
+        """Top ``n`` of ``alpha * tower + (1 - alpha) * ItemKNN`` (each min-max scaled over the
+        items the user does not have); with ``lend`` (default: as built) cold-start items
+        take the ItemKNN score lent by their text neighbours instead of 0."""
         mask = np.ones(len(parts["tower"]), dtype=bool)
         mask[parts["seen"]] = False
-        score = alpha * scaled(parts["tower"], mask) + (1 - alpha) * scaled(parts["knn"], mask)
+        lend = self.lend_cold if lend is None else lend
+        score = alpha * scaled(parts["tower"], mask) + (1 - alpha) * scaled(parts["lent" if lend else "knn"], mask)
         return top_n(score, parts["seen"], n)
 
     def check_user(self, user: str) -> None:
@@ -592,13 +613,16 @@ def evaluate_rec(rec: Recommender, k: int = 10, seed: int = 0) -> dict[str, Any]
         if parts is not None:
             rankers["hybrid"][user] = catalogue.item_ids_of(rec.blend(parts, rec.alpha, k))
             latencies.append((time.perf_counter() - started) * 1000)
-            rankers["two-tower"][user] = catalogue.item_ids_of(rec.blend(parts, 1.0, k))
-            rankers["ItemKNN"][user] = catalogue.item_ids_of(rec.blend(parts, 0.0, k))
+            other = "hybrid, no lending" if rec.lend_cold else "hybrid + cold lending"
+            rankers[other][user] = catalogue.item_ids_of(rec.blend(parts, rec.alpha, k, lend=not rec.lend_cold))
+            rankers["two-tower"][user] = catalogue.item_ids_of(rec.blend(parts, 1.0, k, lend=False))
+            rankers["ItemKNN"][user] = catalogue.item_ids_of(top_n(parts["knn"], seen, k))
             query = user_text(catalogue.histories[user], rec.texts, rec.history)
             rankers["BM25 (item text)"][user] = catalogue.item_ids_of(top_n(rec.lexical.all_scores(query), seen, k))
         else:  # no training history: the towers and ItemKNN fall back to popularity
             popular = catalogue.item_ids_of(top_n(catalogue.popularity, seen, k))
-            for name in ("hybrid", "two-tower", "ItemKNN", "BM25 (item text)"):
+            for name in ("hybrid", "hybrid, no lending" if rec.lend_cold else "hybrid + cold lending", "two-tower",
+                         "ItemKNN", "BM25 (item text)"):
                 rankers[name][user] = popular
         rankers["MostPopular"][user] = catalogue.item_ids_of(top_n(catalogue.popularity, seen, k))
         rankers["random"][user] = catalogue.item_ids_of(top_n(rng.random(len(catalogue.item_ids)), seen, k))

@@ -85,6 +85,7 @@ class Pair:
     query: str
     document: str
     doc_key: str
+    log_q: float = 0.0  # log of how often the document is drawn as a positive (popularity), for logQ correction
 
 
 class PairLoader(BucketedLoader):
@@ -98,6 +99,7 @@ class PairLoader(BucketedLoader):
         return {"input_ids": queries["input_ids"], "attention_mask": queries["attention_mask"],
                 "doc_input_ids": documents["input_ids"], "doc_attention_mask": documents["attention_mask"],
                 "doc_key": torch.tensor([r["doc_key"] for r in rows], dtype=torch.long),
+                "doc_logq": torch.tensor([r.get("log_q", 0.0) for r in rows], dtype=torch.float32),
                 "index": torch.as_tensor(chosen, dtype=torch.long)}
 
 
@@ -105,7 +107,11 @@ class ContrastiveObjective(Objective):
     """In-batch negatives over (query, document) pairs; one shared encoder (both towers).
 
     ``scale`` is the inverse temperature of the cosine scores (20, as sentence-transformers).
-    ``symmetric`` adds the document -> query direction (each document picks its query)."""
+    ``symmetric`` adds the document -> query direction (each document picks its query).
+    Rows may carry ``doc_logq``, the log of each document's sampling probability: in-batch
+    negatives are drawn as often as documents are positives, so popular documents are pushed
+    down as negatives more than they are pulled up; subtracting log q from each column's
+    training logits corrects that (Yi et al. 2019). Inference scores are the plain cosines."""
 
     def __init__(self, model: nn.Module, scale: float = 20.0, symmetric: bool = False) -> None:
         super().__init__()
@@ -120,6 +126,8 @@ class ContrastiveObjective(Objective):
         q = mean_pooled(self.model, batch["input_ids"], batch["attention_mask"])
         d = mean_pooled(self.model, batch["doc_input_ids"], batch["doc_attention_mask"])
         scores = self.scale * q @ d.T
+        if "doc_logq" in batch:
+            scores = scores - batch["doc_logq"].to(scores.dtype)[None, :]
         keys = batch["doc_key"]
         same = keys[:, None] == keys[None, :]
         same.fill_diagonal_(False)
@@ -145,7 +153,7 @@ def pair_features(encoder: SentenceEncoder, pairs: Sequence[Pair]) -> list[dict[
     keys: dict[str, int] = {}
     queries = encoder.tokens([p.query for p in pairs])
     documents = encoder.tokens([p.document for p in pairs])
-    return [{"input_ids": q, "doc_input_ids": d, "doc_key": keys.setdefault(p.doc_key, len(keys))}
+    return [{"input_ids": q, "doc_input_ids": d, "doc_key": keys.setdefault(p.doc_key, len(keys)), "log_q": p.log_q}
             for q, d, p in zip(queries, documents, pairs, strict=True)]
 
 
