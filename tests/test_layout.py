@@ -71,6 +71,7 @@ def test_encoders_and_decoders_are_backbones() -> None:
     ["prepare", "--help"], ["corpora", "--help"], ["report", "--help"], ["pipeline", "run", "--help"],
     ["pretrain", "--help"], ["finetune", "--help"], ["transfer", "curve", "--help"],
     ["app", "support", "build", "--help"], ["app", "support", "ask", "--help"], ["serve", "--help"],
+    ["app", "recommend", "build", "--help"], ["app", "recommend", "eval", "--help"],
 ])
 def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     from lmforge.cli import main
