@@ -115,26 +115,15 @@ def main() -> None:
 def screenshot(folder: Path, path: Path) -> None:
     """The page for one user, in headless Chromium."""
     import shutil
-    import socket
-    import threading
 
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
     from lmforge.apps.recommend_http import RecommendApp
-    from lmforge.serve import wait_until_ready
+    from lmforge.serve import serving
     from lmforge.serve.app import ServeSettings, create_app
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app([], None, ServeSettings(), None, [RecommendApp(folder)]),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_ready(url, 120, alive=thread.is_alive)
-    with sync_playwright() as playwright:
+    app = create_app([], None, ServeSettings(), None, [RecommendApp(folder)])
+    with serving(app) as url, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1100, "height": 560})
         page.goto(f"{url}/apps/recommend")
@@ -144,8 +133,6 @@ def screenshot(folder: Path, path: Path) -> None:
         page.wait_for_function("document.querySelectorAll('#items li').length == 10")
         page.screenshot(path=str(path), full_page=True)
         browser.close()
-    server.should_exit = True
-    thread.join(timeout=30)
 
 
 if __name__ == "__main__":

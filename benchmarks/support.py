@@ -163,26 +163,15 @@ def main() -> None:
 def screenshot(kb: Path, path: Path) -> None:
     """The chat page on the fine-tuned KB in headless Chromium (docs/results/support-page.png)."""
     import shutil
-    import socket
-    import threading
 
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
     from lmforge.apps.support_http import SupportApp
-    from lmforge.serve import wait_until_ready
+    from lmforge.serve import serving
     from lmforge.serve.app import ServeSettings, create_app
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     app = create_app([], None, ServeSettings(), None, [SupportApp(kb, log_dir=kb.parent / "logs")])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_ready(url, 120, alive=thread.is_alive)
-    with sync_playwright() as playwright:
+    with serving(app) as url, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1000, "height": 760})
         page.goto(f"{url}/apps/support")
@@ -196,8 +185,6 @@ def screenshot(kb: Path, path: Path) -> None:
                                    "&& !document.querySelector('#send').disabled")
         page.screenshot(path=str(path), full_page=True)
         browser.close()
-    server.should_exit = True
-    thread.join(timeout=30)
 
 
 if __name__ == "__main__":

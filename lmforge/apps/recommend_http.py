@@ -9,13 +9,12 @@ limits and metrics, and a page.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query
-from fastapi.responses import HTMLResponse
 
+from lmforge.apps.http import add_page, loaded
 from lmforge.apps.recommend import Recommender
 
 
@@ -33,23 +32,10 @@ class RecommendApp:
         self.rec = Recommender.load(self.rec_path)
 
     def mount(self, app: FastAPI, server: Any) -> None:
-        from lmforge.serve.app import ApiError
-
         def rec() -> Recommender:
-            if self.rec is None:
-                raise ApiError(503, "the recommender is still loading", "unavailable", {"Retry-After": "1"})
-            return self.rec
+            return loaded(self.rec, "recommender")
 
-        async def run(function: Any, *args: Any) -> Any:
-            try:
-                return await asyncio.wait_for(asyncio.to_thread(function, *args), server.settings.request_timeout_s)
-            except asyncio.TimeoutError:
-                raise ApiError(504, f"the request took longer than {server.settings.request_timeout_s:g} s",
-                               "timeout_error") from None
-
-        @app.get("/apps/recommend", include_in_schema=False)
-        async def page() -> HTMLResponse:
-            return HTMLResponse(PAGE)
+        add_page(app, "/apps/recommend", PAGE)
 
         @app.get("/v1/apps/recommend/info")
         async def info() -> dict[str, Any]:
@@ -60,11 +46,11 @@ class RecommendApp:
 
         @app.get("/v1/apps/recommend/user/{user}")
         async def for_user(user: str, n: int = Query(10, ge=1, le=100)) -> dict[str, Any]:
-            return await run(rec().for_user, user, n)  # type: ignore[no-any-return]
+            return await server.offload(rec().for_user, user, n)  # type: ignore[no-any-return]
 
         @app.get("/v1/apps/recommend/similar/{item}")
         async def similar(item: str, n: int = Query(10, ge=1, le=100)) -> dict[str, Any]:
-            return await run(rec().similar, item, n)  # type: ignore[no-any-return]
+            return await server.offload(rec().similar, item, n)  # type: ignore[no-any-return]
 
 
 PAGE = """<!doctype html>

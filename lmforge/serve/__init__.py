@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 def wait_until_ready(url: str, timeout_s: float = 120.0, alive: Callable[[], bool] | None = None) -> None:
@@ -22,3 +24,27 @@ def wait_until_ready(url: str, timeout_s: float = 120.0, alive: Callable[[], boo
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url}/ready did not answer 200 within {timeout_s:g} s")
+
+
+@contextlib.contextmanager
+def serving(app: Any, timeout_s: float = 120.0) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yields its URL once
+    ``/ready`` says 200, and stops it on exit (benchmarks and screenshots)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, timeout_s, alive=thread.is_alive)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

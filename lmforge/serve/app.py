@@ -210,6 +210,15 @@ class Server:
             total += count
         return total
 
+    async def offload(self, function: Any, *args: Any) -> Any:
+        """``function(*args)`` in a worker thread, answered 504 past the request timeout
+        (the applications' blocking calls)."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(function, *args), self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the request took longer than {self.settings.request_timeout_s:g} s",
+                           "timeout_error") from None
+
     async def batched(self, served: Served, items: list[Any], tokens: int) -> list[Any]:
         self.metrics.tokens_in.labels(served.name).inc(tokens)
         try:

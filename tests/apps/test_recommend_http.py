@@ -10,8 +10,8 @@ import pytest
 
 from lmforge.apps.recommend_http import RecommendApp
 from tests.apps.test_recommend import catalogue, rec_dir  # noqa: F401  (module fixtures)
-from tests.serve.conftest import KEY, Running, start
-from tests.serve.test_playground import chromium_path
+from tests.serve.conftest import Running, start
+from tests.serve.test_playground import browser_page
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +36,7 @@ def test_routes_need_a_key_and_answer(rec_server: Running) -> None:
 
 
 def test_recommend_page_in_chromium(rec_server: Running, tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1100, "height": 700})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(f"{rec_server.url}/apps/recommend")
-        page.fill("#key", KEY)
-        page.dispatch_event("#key", "change")
+    with browser_page(f"{rec_server.url}/apps/recommend", 1100, 700) as (page, errors):
         page.wait_for_function("document.querySelector('#meta').textContent.includes('48 items')")
         page.fill("#user", "u3")
         page.click("#go")
@@ -54,4 +45,3 @@ def test_recommend_page_in_chromium(rec_server: Running, tmp_path: Path) -> None
         page.locator("#items li a").first.click()
         page.wait_for_function("document.querySelector('#right-title').textContent == 'Similar items'")
         assert page.locator("#items li").count() == 10 and errors == []
-        browser.close()

@@ -11,8 +11,8 @@ import pytest
 
 from lmforge.apps.support_http import SupportApp
 from lmforge.cli import main
-from tests.serve.conftest import KEY, Running, start
-from tests.serve.test_playground import chromium_path
+from tests.serve.conftest import Running, start
+from tests.serve.test_playground import browser_page
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +53,7 @@ def test_serve_refuses_an_unknown_app(capsys: pytest.CaptureFixture[str], tmp_pa
 
 
 def test_support_page_chats_in_chromium(support_server: Running, tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1000, "height": 720})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(f"{support_server.url}/apps/support")
-        page.fill("#key", KEY)
-        page.dispatch_event("#key", "change")
+    with browser_page(f"{support_server.url}/apps/support", 1000, 720) as (page, errors):
         page.wait_for_function("document.querySelector('#kb-meta').textContent.includes('20 FAQ entries')")
         for number, question in enumerate(["How do I apply for a building permit?", "and how long does that take?",
                                            "What is the boiling point of mercury?"], start=1):
@@ -77,4 +68,3 @@ def test_support_page_chats_in_chromium(support_server: Running, tmp_path: Path)
         shot = Path(os.environ.get("LMFORGE_SUPPORT_SHOT", tmp_path / "support.png"))
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000 and errors == []
-        browser.close()

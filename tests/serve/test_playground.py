@@ -3,9 +3,12 @@ chat reply and shows a classifier's probabilities."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,17 +24,26 @@ def chromium_path() -> str:
     pytest.skip("no chromium here (apt-get install chromium); CI installs it and runs this test")
 
 
-def test_playground_chats_and_classifies_in_chromium(server: Running, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def browser_page(url: str, width: int = 1280, height: int = 760) -> Iterator[tuple[Any, list[str]]]:
+    """A headless Chromium page at ``url`` with the API key typed in, and the page's script
+    errors (a test asserts there are none)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 760})
+        page = browser.new_page(viewport={"width": width, "height": height})
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(server.url)
+        page.goto(url)
         page.fill("#key", KEY)
         page.dispatch_event("#key", "change")
+        yield page, errors
+        browser.close()
+
+
+def test_playground_chats_and_classifies_in_chromium(server: Running, tmp_path: Path) -> None:
+    with browser_page(server.url) as (page, errors):
         page.wait_for_function("document.querySelectorAll('#chat-model option').length > 0")
         assert page.locator("#chat-model option").all_inner_texts() == ["chat"]
         page.fill("#prompt", "reverse: anna boris")
@@ -49,4 +61,3 @@ def test_playground_chats_and_classifies_in_chromium(server: Running, tmp_path: 
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
         assert errors == []
-        browser.close()
