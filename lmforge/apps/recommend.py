@@ -517,7 +517,10 @@ class Recommender:
     def parts(self, user: str) -> dict[str, np.ndarray]:
         """Per-item score arrays of one user: two-tower, ItemKNN, and the items to leave out."""
         vector = self.user_vector(user)
-        tower = self.vectors.vectors @ vector if vector is not None else np.zeros(len(self.catalogue.item_ids))
+        tower = np.zeros(len(self.catalogue.item_ids), dtype=np.float32)
+        if vector is not None:  # the faiss index scores every item (exact inner product)
+            ids, scores = self.vectors.search(vector, len(tower))
+            tower[ids] = scores
         knn = self.catalogue.knn_scores(user)
         return {"tower": tower, "knn": knn, "lent": self.catalogue.with_borrowed(knn), "seen": self.catalogue.seen(user)}
 
