@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from lmforge.apps.recommend import RecConfig, Recommender, build_rec, evaluate_rec  # noqa: E402
+from lmforge.apps.recommend import RecConfig, Recommender, Reranker, build_rec, evaluate_rec  # noqa: E402
 from lmforge.hardware import describe_machine  # noqa: E402
 
 
@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--split", default="random", choices=["random", "time"])
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    parser.add_argument("--reranker", help="a pair-score model fine-tuned on `lmforge app recommend pairs` "
+                                           "(see docs/apps/recommend.md); adds the re-ranked rows")
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     results = {}
@@ -60,7 +62,8 @@ def main() -> None:
             build_rec("corpus:ml-100k", folder, config=RecConfig(steps=steps, split=args.split))
         rec = Recommender.load(folder)
         started = time.perf_counter()
-        summary = evaluate_rec(rec)
+        reranker = Reranker(args.reranker) if args.reranker and name == "trained" else None
+        summary = evaluate_rec(rec, reranker=reranker)
         summary["eval_s"] = round(time.perf_counter() - started, 1)
         summary["build"] = {"training_s": rec.settings["encoder"]["trained"]["seconds"],
                             "logq": rec.settings["encoder"]["trained"].get("logq"),
@@ -91,6 +94,11 @@ def main() -> None:
               f"Query latency (top 10 for one user, 2 cores): p50 {latency['stored_p50']} ms, p99 "
               f"{latency['stored_p99']} ms with the user vector stored at build; p50 {latency['fresh_p50']} ms, "
               f"p99 {latency['fresh_p99']} ms embedding the history on the spot."]
+    if "on_reranked_users" in trained:
+        lines += ["", f"Re-ranking the top 20 with the cross-encoder, on {trained['reranked_users']} sampled users "
+                  "(the same users for every row):", "", "| ranker | NDCG@10 | recall@10 |", "|---|---|---|"]
+        lines += [f"| {name} | {r['ndcg@10']:.4f} | {r['recall@10']:.4f} |"
+                  for name, r in trained["on_reranked_users"].items() if name != "random"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "recommend.json").write_text(json.dumps({"machine": machine, **results}, indent=1))
     (out / "recommend.md").write_text("\n".join(lines) + "\n")

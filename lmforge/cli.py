@@ -730,7 +730,30 @@ def recommend_build(interactions: str, output: str, items: str | None = None, mo
           f"{counts['cold']} cold-start interactions; two-tower weight {settings['alpha']}")
 
 
-def recommend_eval(rec: str, k: int = 10, split: Literal["random", "time"] | None = None, json: bool = False) -> None:
+def recommend_pairs(rec: str, output: str, count: int = 1000, negatives: int = 3, seed: int = 0) -> None:
+    """Write training pairs for a cross-encoder re-ranker (JSONL: query, item, label, group) from
+    the recommender's training rows: each sampled history's next item, and hard negatives from
+    the two-tower's top 50. Train it with `lmforge finetune --task pair-score --train FILE`.
+
+    Args:
+        rec: the recommender folder.
+        output: the JSONL file to write.
+        count: sampled (user, position) queries; each gives 1 positive and NEGATIVES negatives.
+        negatives: negatives per query.
+        seed: sampling seed.
+    """
+    import json as json_module
+
+    from lmforge.apps.recommend import Recommender, reranker_pairs
+    from lmforge.fileio import write_text
+
+    pairs = reranker_pairs(Recommender.load(rec), count, negatives, seed=seed)
+    write_text(output, "".join(json_module.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    print(f"{len(pairs)} pairs ({sum(p['label'] for p in pairs)} positive) in {output}")
+
+
+def recommend_eval(rec: str, k: int = 10, split: Literal["random", "time"] | None = None, json: bool = False,
+                   reranker: str | None = None, rerank_depth: int = 20, rerank_users: int = 200) -> None:
     """Score a recommender and the baselines on its held-out interactions: NDCG@k, recall@k,
     hit@k, coverage, cold-start recall@k; the last line is JSON with --json.
 
@@ -739,16 +762,21 @@ def recommend_eval(rec: str, k: int = 10, split: Literal["random", "time"] | Non
         k: the cut-off.
         split: the split the folder must have been built with (a check; the split is chosen at build).
         json: print the metrics as one JSON line last.
+        reranker: a pair-score model (fine-tuned on `lmforge app recommend pairs`) that re-orders the
+            two-tower's and the hybrid's top RERANK_DEPTH for RERANK_USERS sampled users.
+        rerank_depth: candidates re-ordered per user.
+        rerank_users: users scored with the re-ranker (every ranker is also reported on them).
     """
     import json as json_module
 
-    from lmforge.apps.recommend import Recommender, evaluate_rec
+    from lmforge.apps.recommend import Recommender, Reranker, evaluate_rec
 
     model = Recommender.load(rec)
     if split is not None and split != model.settings["split"]["how"]:
         raise LmforgeError(f"{rec} was built with --split {model.settings['split']['how']}; rebuild it with "
                            f"--split {split} to evaluate that split")
-    summary = evaluate_rec(model, k)
+    summary = evaluate_rec(model, k, reranker=Reranker(reranker, rerank_depth) if reranker else None,
+                           rerank_users=rerank_users)
     print(f"{summary['warm_users']} users with held-out items, {summary['cold_users']} with cold-start items "
           f"({summary['cold_items']} items never trained on)")
     print(f"{'ranker':<18} {'NDCG@' + str(k):>8} {'recall@' + str(k):>9} {'hit@' + str(k):>7} {'coverage':>9} "
@@ -756,6 +784,10 @@ def recommend_eval(rec: str, k: int = 10, split: Literal["random", "time"] | Non
     for name, row in summary["rankers"].items():
         print(f"{name:<18} {row[f'ndcg@{k}']:>8.4f} {row[f'recall@{k}']:>9.4f} {row[f'hit@{k}']:>7.4f} "
               f"{row['coverage']:>9.4f} {row[f'cold_recall@{k}']:>15.4f}")
+    if "on_reranked_users" in summary:
+        print(f"on the {summary['reranked_users']} users scored with the re-ranker:")
+        for name, row in summary["on_reranked_users"].items():
+            print(f"  {name:<24} NDCG@{k} {row[f'ndcg@{k}']:.4f}  recall@{k} {row[f'recall@{k}']:.4f}")
     if "latency_ms_p99" in summary:
         print(f"latency per user p50 {summary['latency_ms_p50']} ms, p99 {summary['latency_ms_p99']} ms")
     if json:
@@ -808,7 +840,7 @@ COMMANDS: dict[str, Any] = {
     "serve": serve,
     "app": {"support": {"build": support_build, "ask": support_ask, "eval": support_eval, "chat": support_chat},
             "recommend": {"build": recommend_build, "eval": recommend_eval, "user": recommend_user,
-                          "similar": recommend_similar}},
+                          "similar": recommend_similar, "pairs": recommend_pairs}},
 }
 
 

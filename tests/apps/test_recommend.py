@@ -168,3 +168,29 @@ def test_time_split_holds_out_each_users_latest() -> None:
     split_interactions(rows, [f"i{t}" for t in range(10)], how="time", test_share=0.2, cold_share=0.0,
                        validation_share=0.0)
     assert [r.split for r in rows] == ["train"] * 8 + ["test"] * 2
+
+
+def test_a_pair_score_reranker_trains_on_exported_pairs_and_reorders(rec_dir: Path, tiny_encoder_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    import lmforge
+    from lmforge.apps.recommend import Reranker, evaluate_rec, reranker_pairs
+
+    rec = Recommender.load(rec_dir)
+    pairs = reranker_pairs(rec, count=30, negatives=2)
+    by_group: dict[str, list[dict]] = {}
+    for pair in pairs:
+        by_group.setdefault(pair["group"], []).append(pair)
+    assert all(sorted(p["label"] for p in group) == [0] * (len(group) - 1) + [1] for group in by_group.values())
+    for group in by_group.values():  # negatives are items the user never had (in training)
+        user = group[0]["group"].split("@")[0]
+        known = {rec.texts[i] for i in rec.catalogue.histories[user]}
+        assert not any(p["item"] in known for p in group if p["label"] == 0)
+    train = tmp_path / "pairs.jsonl"
+    train.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    lmforge.finetune("pair-score", str(tiny_encoder_dir), str(train), str(tmp_path / "reranker"),
+                     validation=str(train), overrides=["--epochs", "1", "--train.batch_size", "8"])
+    summary = evaluate_rec(rec, reranker=Reranker(tmp_path / "reranker", depth=8), rerank_users=5)
+    assert summary["reranked_users"] == 5
+    reranked = summary["on_reranked_users"]
+    assert {"hybrid + re-ranker", "two-tower + re-ranker", "hybrid", "ItemKNN"} <= set(reranked)
+    assert "hybrid + re-ranker" not in summary["rankers"]  # scored on the sampled users only
