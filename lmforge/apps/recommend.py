@@ -470,6 +470,7 @@ class Recommender:
         self.lend_cold = bool(settings.get("lend_cold", False))
         self.lock = threading.Lock()
         self.texts = dict(zip(catalogue.item_ids, catalogue.texts, strict=True))
+        self.rows: list[dict[str, Any]] = []  # the split rows (evaluate_rec), read by load
         self.user_rows: dict[str, int] = {}
         self.user_vectors = np.zeros((0, vectors.vectors.shape[1]), dtype=np.float32)
         catalogue.lend_text_neighbours(vectors.vectors)
@@ -498,7 +499,7 @@ class Recommender:
             raise CorruptFileError(f"{folder}: users.json names {len(users)} users, users.npy holds "
                                    f"{len(rec.user_vectors)} vectors")
         rec.user_rows = {u: i for i, u in enumerate(users)}
-        rec.rows = rows  # type: ignore[attr-defined]
+        rec.rows = rows
         return rec
 
     # -- the parts of a user's scores
@@ -523,7 +524,7 @@ class Recommender:
             ids, scores = self.vectors.search(vector, len(tower))
             tower[ids] = scores
         knn = self.catalogue.knn_scores(user)
-        return {"tower": tower, "knn": knn, "lent": self.catalogue.with_borrowed(knn), "seen": self.catalogue.seen(user)}
+        return {"tower": tower, "knn": knn, "seen": self.catalogue.seen(user)}
 
     def blend(self, parts: dict[str, np.ndarray], alpha: float, n: int, lend: bool | None = None) -> np.ndarray:
         """Top ``n`` of ``alpha * tower + (1 - alpha) * ItemKNN`` (each min-max scaled over the
@@ -532,7 +533,8 @@ class Recommender:
         mask = np.ones(len(parts["tower"]), dtype=bool)
         mask[parts["seen"]] = False
         lend = self.lend_cold if lend is None else lend
-        score = alpha * scaled(parts["tower"], mask) + (1 - alpha) * scaled(parts["lent" if lend else "knn"], mask)
+        knn = self.catalogue.with_borrowed(parts["knn"]) if lend else parts["knn"]
+        score = alpha * scaled(parts["tower"], mask) + (1 - alpha) * scaled(knn, mask)
         return top_n(score, parts["seen"], n)
 
     def check_user(self, user: str) -> None:
@@ -634,8 +636,8 @@ def evaluate_rec(rec: Recommender, k: int = 10, seed: int = 0, reranker: Reranke
     and the hybrid's top ``reranker.depth`` are re-ordered for ``rerank_users`` sampled users
     (a cross-encoder is slow on a CPU), and every ranker is also scored on those users alone
     (``on_reranked_users``)."""
-    rows = getattr(rec, "rows", None)
-    if rows is None:
+    rows = rec.rows
+    if not rows:
         raise ConfigError(["evaluate_rec needs a loaded REC folder (Recommender.load)"])
     catalogue = rec.catalogue
     warm = relevant_by_user([Interaction(r["user"], r["item"], None, None, "", r["split"]) for r in rows], ("test",))
