@@ -513,7 +513,8 @@ def serve(model: list[str] | None = None, adapters: list[str] | None = None, app
             decoder); a request's "model": NAME runs with that adapter.
         app: applications to serve beside the models, as NAME=FOLDER (`--app support KB` also works):
             support (a knowledge base from `lmforge app support build`; page at /apps/support),
-            recommend (a folder from `lmforge app recommend build`; page at /apps/recommend).
+            recommend (a folder from `lmforge app recommend build`; page at /apps/recommend),
+            monitor (a database of `lmforge app monitor run`; dashboard at /apps/monitor).
         generator: a decoder with which the support app writes grounded answers on request.
         host: address to listen on (127.0.0.1 keeps it on this machine).
         port: TCP port.
@@ -549,9 +550,13 @@ def serve(model: list[str] | None = None, adapters: list[str] | None = None, app
     extensions: list[Any] = []
     for item in app or []:
         name, _, folder = item.partition("=")
-        if name not in ("support", "recommend") or not folder:
-            raise LmforgeError(f"--app {item}: expected support=KB_FOLDER or recommend=REC_FOLDER")
-        if name == "support":
+        if name not in ("support", "recommend", "monitor") or not folder:
+            raise LmforgeError(f"--app {item}: expected support=KB_FOLDER, recommend=REC_FOLDER or monitor=DB")
+        if name == "monitor":
+            from lmforge.apps.monitor_http import MonitorApp
+
+            extensions.append(MonitorApp(folder))
+        elif name == "support":
             from lmforge.apps.support_http import SupportApp
 
             extensions.append(SupportApp(folder, generator))
@@ -824,6 +829,183 @@ def recommend_similar(rec: str, item: str, n: int = 10) -> None:
     print(json_module.dumps(Recommender.load(rec).similar(item, n), ensure_ascii=False, indent=2))
 
 
+def monitor_run(source: str, entities: str, db: str = "monitor.sqlite", classifier: str = "lexicon",
+                rules: str | None = None, ner: str | None = None, speed: float = 0.0, follow: bool = False,
+                text_field: str = "text", time_field: str = "timestamp", classify_all: bool = False,
+                batch_size: int = 64, dashboard: bool = False, host: str = "127.0.0.1", port: int = 8050,
+                api_keys: str | None = None, progress: bool = True) -> None:
+    """Run the sentiment monitor: read a stream, find the watched entities, classify the texts
+    that name one (in batches), keep per-window aggregates in the database, raise alerts by the
+    rules. A restarted monitor resumes where it stopped, counting nothing twice.
+
+    Args:
+        source: a JSONL or CSV file of records (text, timestamp, optional meta), or `http` for
+            records POSTed to /v1/apps/monitor/ingest (needs --api-keys).
+        entities: a YAML/JSON list of watched entities: `- name: Acme` with optional
+            `aliases: [...]` and `case_sensitive: true`.
+        db: a SQLite file (WAL) or any SQLAlchemy URL (postgresql://...).
+        classifier: a fine-tuned classification run or model folder (fp32, int8, ONNX, distilled),
+            or `lexicon` (the AFINN-165 word-score baseline).
+        rules: a YAML file: window, rules (kind share | zscore, threshold, min_volume, cooldown,
+            baseline, min_baseline, sigma_floor, entities), webhook (url, retries, timeout);
+            without it the defaults in docs/apps/monitor.md.
+        ner: an NER run whose ORG spans that no alias covers are kept as candidate entities.
+        speed: replay at this many times the pace of the timestamps (0: as fast as it reads).
+        follow: keep reading the file as it grows (tail), until Ctrl-C.
+        text_field: the records' text field.
+        time_field: the records' timestamp field (ISO 8601 or epoch seconds).
+        classify_all: classify every record, not only those that name a watched entity.
+        batch_size: records per classifier call and per database transaction.
+        dashboard: serve the dashboard (and the ingest route) while running.
+        host: the dashboard's address.
+        port: the dashboard's port.
+        api_keys: a file of API keys for the dashboard and the ingest route.
+        progress: show a progress line.
+    """
+    import threading
+
+    from lmforge.apps.monitor import (
+        DEFAULT_RULES,
+        AlertSender,
+        EntityMatcher,
+        FileSource,
+        Monitor,
+        NerFinder,
+        Rules,
+        load_classifier,
+    )
+    from lmforge.apps.monitor_store import Store
+
+    matcher = EntityMatcher.from_file(entities)
+    chosen_rules = Rules.from_file(rules) if rules else Rules.from_dict(DEFAULT_RULES, "default rules")
+    if source == "http" and not api_keys:
+        raise LmforgeError("--source http: the ingest route needs --api-keys FILE (it refuses unauthenticated "
+                           "requests)")
+    stream = None if source == "http" else FileSource(source, speed, follow, text_field, time_field)
+    store = Store(db)
+    model = load_classifier(classifier, chosen_rules.negative_label, chosen_rules.positive_label)
+    monitor = Monitor(store, model, matcher, chosen_rules, NerFinder(ner) if ner else None, classify_all, batch_size)
+    sender = AlertSender(store, chosen_rules.webhook)
+    sender.start()
+    print(f"monitor: {len(matcher.entities)} entities, classifier {model.name}, rules "
+          f"{', '.join(r.name for r in chosen_rules.rules)}, window {chosen_rules.window / 3600:g} h, db {store.url}",
+          file=sys.stderr)
+    stop = threading.Event()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit=" records", desc="monitor", dynamic_ncols=True)
+
+    def show(stats: dict[str, int]) -> None:
+        if bar is not None:
+            bar.n = stats["processed"]
+            bar.set_postfix(alerts=stats["alerts"], rejected=stats["rejected"], refresh=False)
+            bar.refresh()
+
+    try:
+        if dashboard or source == "http":
+            import uvicorn
+
+            from lmforge.apps.monitor_http import MonitorApp
+            from lmforge.serve.app import ServeSettings, create_app
+            from lmforge.serve.auth import ApiKeys
+
+            keys = ApiKeys.from_file(api_keys) if api_keys else None
+            wake = threading.Event()
+            extension = MonitorApp(db, live=wake if source == "http" else None)
+            if stream is None or follow:  # until stopped
+                worker = threading.Thread(target=_run_live, args=(monitor, stream, stop, wake, show), daemon=True)
+            else:  # to the end of the file; the dashboard stays up until Ctrl-C
+                worker = threading.Thread(target=monitor.run, args=(stream, stop, show), daemon=True)
+            worker.start()
+            print(f"dashboard: http://{host}:{port}/apps/monitor", file=sys.stderr)
+            uvicorn.run(create_app([], keys, ServeSettings(), None, [extension]), host=host, port=port,
+                        log_level="warning", access_log=False)
+            stop.set()
+            wake.set()
+            worker.join(timeout=60)
+        else:
+            monitor.run(stream, stop, show)
+    except KeyboardInterrupt:
+        stop.set()
+    finally:
+        if bar is not None:
+            bar.close()
+        sender.stop()
+        store.close()
+    print(" ".join(f"{k}={v}" for k, v in monitor.stats.items()), file=sys.stderr)
+
+
+def _run_live(monitor: Any, stream: Any, stop: Any, wake: Any, show: Any) -> None:
+    """Tail a file or wait for ingested records until stopped; wakes at once when records arrive."""
+    while not stop.is_set():
+        monitor.run(stream, stop, show, idle_exit_s=0.0)
+        wake.wait(stream.poll_s if stream is not None else 0.5)
+        wake.clear()
+
+
+def monitor_report(db: str, output: str = "monitor-report.md", since: str | None = None, until: str | None = None,
+                   top: int = 8) -> None:
+    """Write the monitor's database as markdown: per-entity mentions, negative share, mean score
+    and alerts, one PNG chart per entity beside the report, the latest alerts with their texts.
+
+    Args:
+        db: the monitor's database (SQLite file or SQLAlchemy URL).
+        output: the markdown file to write (charts go beside it).
+        since: from this time (ISO 8601, epoch seconds, or a duration back from now like 7d).
+        until: up to this time (same forms).
+        top: how many entities (by volume).
+    """
+    from lmforge.apps.monitor import parse_since
+    from lmforge.apps.monitor_report import write_report
+    from lmforge.apps.monitor_store import Store
+
+    store = Store(db)
+    path = write_report(store, output, parse_since(since), parse_since(until), top)
+    print(f"report -> {path}")
+
+
+def monitor_stream(output: str, corpus: str = "chitchat") -> None:
+    """Write a real timestamped text stream as JSONL, ready for `lmforge app monitor run`.
+
+    Args:
+        output: the JSONL file to write.
+        corpus: chitchat (258k chat messages of BYU's CCC corpus, April-November 2018).
+    """
+    from lmforge.apps.monitor import records_from_chitchat
+    from lmforge.apps.monitor_report import write_jsonl
+
+    if corpus != "chitchat":
+        raise LmforgeError(f"--corpus {corpus}: the stream corpora are: chitchat")
+    count = write_jsonl(output, records_from_chitchat())
+    print(f"{count} records -> {output}")
+
+
+def monitor_train(data: str, output: str, model: str | None = None, text_field: str = "text",
+                  label_field: str = "label", validation: str | None = None, overwrite: bool = False) -> None:
+    """Fine-tune a sentiment classifier for the monitor on a labelled file (CSV, JSONL, Parquet
+    or corpus:NAME), from MiniLM-L6 by default; then `app monitor run --classifier OUTPUT`.
+
+    Args:
+        data: the labelled file (a text and a label per row; label names with "neg"/"pos", or 0 = negative).
+        output: the run folder to write.
+        model: the encoder to start from (default: the packaged MiniLM-L6).
+        text_field: the text column.
+        label_field: the label column.
+        validation: a validation file (default: 10% of data, split by hash).
+        overwrite: replace an existing run folder.
+    """
+    from lmforge.recipes.finetune import finetune
+    from lmforge.retrieval.encoder import packaged_minilm
+
+    results = finetune("classify", model or packaged_minilm(), data, output, validation=validation,
+                       overrides=["--text-field", text_field, "--label-field", label_field], overwrite=overwrite)
+    print(f"validation {results.get('validation')}\nclassifier -> {output}; run: lmforge app monitor run "
+          f"--classifier {output} --source STREAM --entities ENTITIES")
+
+
+
 COMMANDS: dict[str, Any] = {
     "report": report,
     "evaluate": evaluate,
@@ -840,7 +1022,9 @@ COMMANDS: dict[str, Any] = {
     "serve": serve,
     "app": {"support": {"build": support_build, "ask": support_ask, "eval": support_eval, "chat": support_chat},
             "recommend": {"build": recommend_build, "eval": recommend_eval, "user": recommend_user,
-                          "similar": recommend_similar, "pairs": recommend_pairs}},
+                          "similar": recommend_similar, "pairs": recommend_pairs},
+            "monitor": {"run": monitor_run, "report": monitor_report, "stream": monitor_stream,
+                        "train": monitor_train}},
 }
 
 
