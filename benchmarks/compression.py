@@ -96,6 +96,33 @@ def speeds(folders: dict[str, Path], texts: list[str], rounds: int = 5) -> dict[
     return {name: (32 / best[name], statistics.median(latencies[name]) * 1e3) for name in objectives}
 
 
+VARIANTS = ("int8", "onnx-fp32", "onnx-int8", "heads-40pct", "distilled-2-layer")
+
+
+def build_variants(work: Path, model: Path, train_split: list[str], names: tuple[str, ...]
+                   ) -> tuple[dict[str, Path], dict[str, float]]:
+    """The compressed variants of ``model`` named, each built into ``work/NAME`` unless there;
+    returns their folders and the seconds each build took."""
+    recipes: dict[str, Any] = {
+        "int8": lambda t: quantize_folder(model, "int8", t),
+        "onnx-fp32": lambda t: export_model(model, "onnx", t),
+        "onnx-int8": lambda t: quantize_folder(model, "onnx-int8", t),
+        "heads-40pct": lambda t: prune_folder(model, t, train_split, heads=0.4, recover_steps=300, recover_lr=5e-5,
+                                              batch_size=32, progress=True),
+        "distilled-2-layer": lambda t: distill_folder(model, t, train_split, student_layers=2, steps=1500,
+                                                      batch_size=32, progress=True),
+    }
+    folders, steps = {}, {}
+    for name in names:
+        target = work / name
+        if not target.exists():
+            start = time.perf_counter()
+            recipes[name](target)
+            steps[name] = time.perf_counter() - start
+        folders[name] = target
+    return folders, steps
+
+
 def encoder_part(work: Path, teacher: str | None, corpus: str = CORPUS) -> list[dict[str, Any]]:
     from lmforge.recipes.finetune import evaluate_model
     from lmforge.tasks import TaskSpec, make_task
@@ -103,25 +130,8 @@ def encoder_part(work: Path, teacher: str | None, corpus: str = CORPUS) -> list[
 
     run = teacher_run(work, teacher, corpus)
     model = run / "model" if (run / "model").is_dir() else run
-    train_split = [corpus]
-    variants: dict[str, Path] = {"fp32": model}
-    steps: dict[str, float] = {}
-
-    def make(name: str, build: Any) -> None:
-        target = work / name
-        if not target.exists():
-            start = time.perf_counter()
-            build(target)
-            steps[name] = time.perf_counter() - start
-        variants[name] = target
-
-    make("int8", lambda t: quantize_folder(model, "int8", t))
-    make("onnx-fp32", lambda t: export_model(model, "onnx", t))
-    make("onnx-int8", lambda t: quantize_folder(model, "onnx-int8", t))
-    make("heads-40pct", lambda t: prune_folder(model, t, train_split, heads=0.4, recover_steps=300,
-                                               recover_lr=5e-5, batch_size=32, progress=True))
-    make("distilled-2-layer", lambda t: distill_folder(model, t, train_split, student_layers=2, steps=1500,
-                                                       batch_size=32, progress=True))
+    built, steps = build_variants(work, model, [corpus], VARIANTS)
+    variants: dict[str, Path] = {"fp32": model, **built}
     spec = json.loads((model / "task.json").read_text())
     task = make_task(TaskSpec(**spec), Tokenizer.load(model))
     texts = [e["text"] for e in task.read([corpus], "test")]

@@ -122,25 +122,16 @@ def main() -> None:
 
 def screenshot(folder: Path, path: Path) -> None:
     """The page for one user, in headless Chromium."""
-    import shutil
-
-    from playwright.sync_api import sync_playwright
+    from pages import page_of
 
     from lmforge.apps.recommend_http import RecommendApp
-    from lmforge.serve import serving
-    from lmforge.serve.app import ServeSettings, create_app
 
-    app = create_app([], None, ServeSettings(), None, [RecommendApp(folder)])
-    with serving(app) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1100, "height": 560})
-        page.goto(f"{url}/apps/recommend")
+    with page_of(RecommendApp(folder), "/apps/recommend", 1100, 560) as page:
         page.wait_for_function("document.querySelector('#meta').textContent.includes('items')")
         page.fill("#user", "1")
         page.click("#go")
         page.wait_for_function("document.querySelectorAll('#items li').length == 10")
         page.screenshot(path=str(path), full_page=True)
-        browser.close()
 
 
 if __name__ == "__main__":

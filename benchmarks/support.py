@@ -162,19 +162,11 @@ def main() -> None:
 
 def screenshot(kb: Path, path: Path) -> None:
     """The chat page on the fine-tuned KB in headless Chromium (docs/results/support-page.png)."""
-    import shutil
-
-    from playwright.sync_api import sync_playwright
+    from pages import page_of
 
     from lmforge.apps.support_http import SupportApp
-    from lmforge.serve import serving
-    from lmforge.serve.app import ServeSettings, create_app
 
-    app = create_app([], None, ServeSettings(), None, [SupportApp(kb, log_dir=kb.parent / "logs")])
-    with serving(app) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1000, "height": 760})
-        page.goto(f"{url}/apps/support")
+    with page_of(SupportApp(kb, log_dir=kb.parent / "logs"), "/apps/support", 1000, 760) as page:
         page.wait_for_function("document.querySelector('#kb-meta').textContent.includes('FAQ entries')")
         for number, question in enumerate(["Do I need a permit to build an extension on my house?",
                                            "and how long does that take?", "how much will that cost?",
@@ -184,7 +176,6 @@ def screenshot(kb: Path, path: Path) -> None:
             page.wait_for_function(f"document.querySelectorAll('#log .turn.bot').length == {number} "
                                    "&& !document.querySelector('#send').disabled")
         page.screenshot(path=str(path), full_page=True)
-        browser.close()
 
 
 if __name__ == "__main__":

@@ -162,18 +162,19 @@ def _ts(value: str) -> float:
 
 def score_detection(alerts: Sequence[dict[str, Any]], surges: Sequence[Surge], window: float, span_s: float,
                     tolerance: float | None = None) -> dict[str, Any]:
-    """Recall (a surge is found by an alert for its entity within ``tolerance`` after it starts,
-    one window by default), the delays, and the other alerts per simulated week."""
+    """Recall (a surge is found by the first alert for its entity within ``tolerance`` after it
+    starts, one window by default), the delays, and the false alarms per simulated week: alerts
+    that fall in no surge's span (a second rule firing on the same surge is not one)."""
     tolerance = window if tolerance is None else tolerance
-    used: set[int] = set()
+    ordered = sorted(alerts, key=lambda a: a["ts"])
+    explained: set[int] = set()
     delays: list[float] = []
     for surge in surges:
-        match = next((a for a in sorted(alerts, key=lambda a: a["ts"]) if a["id"] not in used
-                      and a["entity"] == surge.entity and surge.start <= a["ts"] <= surge.start + tolerance), None)
-        if match is not None:
-            used.add(match["id"])
-            delays.append(match["ts"] - surge.start)
-    false = [a for a in alerts if a["id"] not in used]
+        matches = [a for a in ordered if a["entity"] == surge.entity and surge.start <= a["ts"] <= surge.start + tolerance]
+        if matches:
+            explained |= {a["id"] for a in matches}
+            delays.append(matches[0]["ts"] - surge.start)
+    false = [a for a in alerts if a["id"] not in explained]
     weeks = span_s / WEEK
     return {"surges": len(surges), "detected": len(delays), "recall": len(delays) / len(surges) if surges else None,
             "median_delay_s": statistics.median(delays) if delays else None,

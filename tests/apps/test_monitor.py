@@ -111,6 +111,7 @@ def test_an_injected_surge_raises_exactly_one_alert_and_the_cooldown_holds(tmp_p
 def test_detection_scoring_counts_recall_delay_and_false_alarms() -> None:
     surges = [Surge("Acme", 1000.0, 5, 1.0), Surge("Acme", 90_000.0, 5, 1.0)]
     alerts = [{"id": 1, "entity": "Acme", "ts": 1600.0}, {"id": 2, "entity": "Globex", "ts": 1700.0},
+              {"id": 4, "entity": "Acme", "ts": 1900.0},  # a second rule on the first surge: no false alarm
               {"id": 3, "entity": "Acme", "ts": 99_000.0}]  # too late for the second surge
     scored = score_detection(alerts, surges, window=3600.0, span_s=7 * 86400.0)
     assert (scored["detected"], scored["recall"], scored["median_delay_s"]) == (1, 0.5, 600.0)

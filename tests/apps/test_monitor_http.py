@@ -36,7 +36,7 @@ def test_ingest_refuses_unauthenticated_requests_and_stores_keyed_ones(tmp_path:
             summary = client.get("/v1/apps/monitor/summary").json()
             assert summary["records"] == 2 and summary["rejects"] == 2 and summary["ingest"] is True
             assert {e["entity"]: e["negative"] for e in summary["entities"]} == {"Acme": 1, "Globex": 0}
-            assert client.post("/v1/apps/monitor/ingest", json={"records": []}).status_code == 400  # validation errors are 400 here
+            assert client.post("/v1/apps/monitor/ingest", json={"records": []}).status_code == 400  # empty
     finally:
         running.stop()
 
