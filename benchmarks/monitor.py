@@ -182,7 +182,7 @@ def screenshot(db: str, path: Path) -> None:
     from lmforge.apps.monitor_http import MonitorApp
 
     with page_of(MonitorApp(db), "/apps/monitor", 1280, 900) as page:
-        page.wait_for_function("document.querySelector('#share polyline') !== null")
+        page.wait_for_function("document.querySelector('#share path.series') !== null")
         page.screenshot(path=str(path), full_page=True)
 
 

@@ -996,11 +996,32 @@ def monitor_train(data: str, output: str, model: str | None = None, text_field: 
         validation: a validation file (default: 10% of data, split by hash).
         overwrite: replace an existing run folder.
     """
+    import tempfile
+
+    from lmforge.apps.monitor_report import write_jsonl
+    from lmforge.data.corpora import split_of
+    from lmforge.data.sources import read_examples
     from lmforge.recipes.finetune import finetune
     from lmforge.retrieval.encoder import packaged_minilm
 
-    results = finetune("classify", model or packaged_minilm(), data, output, validation=validation,
-                       overrides=["--text-field", text_field, "--label-field", label_field], overwrite=overwrite)
+    flags = ["--text-field", text_field, "--label-field", label_field]
+    with tempfile.TemporaryDirectory(prefix="lmforge-monitor-train-") as scratch:
+        train = data
+        if validation is None and not data.startswith("corpus:"):  # 10% of the file, by a hash of the text
+            rows = [{"text": e["text"], "label": e["label"]}
+                    for e in read_examples(data, {"text": text_field, "label": label_field})]
+            parts = {"train": [r for r in rows if split_of(str(r["text"]), 0.1, 0.0) == "train"],
+                     "validation": [r for r in rows if split_of(str(r["text"]), 0.1, 0.0) != "train"]}
+            if not parts["validation"] or not parts["train"]:
+                raise LmforgeError(f"{data}: {len(rows)} rows are too few to hold 10% out; pass --validation FILE")
+            train, validation = (str(Path(scratch) / f"{name}.jsonl") for name in ("train", "validation"))
+            write_jsonl(train, parts["train"])
+            write_jsonl(validation, parts["validation"])
+            flags = []
+        elif validation is None:
+            validation = data  # a corpus has its own validation split
+        results = finetune("classify", model or packaged_minilm(), train, output, validation=validation,
+                           overrides=flags, overwrite=overwrite)
     print(f"validation {results.get('validation')}\nclassifier -> {output}; run: lmforge app monitor run "
           f"--classifier {output} --source STREAM --entities ENTITIES")
 

@@ -101,6 +101,15 @@ class Entity:
     case_sensitive: bool = False
 
 
+def _bounded(alias: str) -> str:
+    """The alias as a whole word where its ends are Latin letters or digits; Chinese (or any
+    script written without spaces) is matched inside the text."""
+    latin = "0-9A-Za-z\u00c0-\u024f"  # a Latin-script word goes on through these
+    start = f"(?<![{latin}])" if alias[0].isascii() and alias[0].isalnum() else ""
+    end = f"(?![{latin}])" if alias[-1].isascii() and alias[-1].isalnum() else ""
+    return start + re.escape(alias) + end
+
+
 class EntityMatcher:
     """Watched entities found in a text by their aliases (whole words; case-insensitive unless
     the entity says ``case_sensitive: true``, for names that are also common words)."""
@@ -108,15 +117,15 @@ class EntityMatcher:
     def __init__(self, entities: Sequence[Entity]) -> None:
         self.entities = list(entities)
         self._owner: dict[str, str] = {}
-        patterns: dict[bool, list[str]] = {False: [], True: []}
+        patterns: dict[bool, list[tuple[int, str]]] = {False: [], True: []}
         for entity in self.entities:
             for alias in entity.aliases:
                 key = alias if entity.case_sensitive else alias.lower()
                 self._owner[key] = entity.name
-                patterns[entity.case_sensitive].append(re.escape(alias))
-        self._patterns = [(re.compile(r"(?<!\w)(" + "|".join(sorted(p, key=len, reverse=True)) + r")(?!\w)",
+                patterns[entity.case_sensitive].append((len(alias), _bounded(alias)))
+        self._patterns = [(re.compile("(" + "|".join(p for _, p in sorted(items, reverse=True)) + ")",
                                       0 if sensitive else re.IGNORECASE), sensitive)
-                          for sensitive, p in patterns.items() if p]
+                          for sensitive, items in patterns.items() if items]
 
     @classmethod
     def from_file(cls, path: str | Path) -> EntityMatcher:

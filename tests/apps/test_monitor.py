@@ -238,6 +238,9 @@ def test_entities_match_whole_words_by_alias_and_case_only_where_asked() -> None
     matcher = EntityMatcher([Entity("Acme", ("Acme", "Acme Corp")), Entity("Apple", ("Apple",), case_sensitive=True)])
     assert matcher.find("acme corp and ACME again, Apple too") == ["Acme", "Apple"]
     assert matcher.find("an apple a day at acmeville") == []
+    chinese = EntityMatcher([Entity("华为", ("华为", "Huawei")), Entity("小米", ("小米",))])
+    assert chinese.find("我觉得华为的手机很差,小米还行") == ["华为", "小米"]
+    assert chinese.find("huawei手机") == ["华为"] and chinese.find("huaweiphone") == []
 
 
 def test_polarity_labels_come_from_names_or_the_sorted_order() -> None:
@@ -316,3 +319,46 @@ def test_the_report_has_the_table_the_alerts_and_a_chart_per_entity(tmp_path: Pa
     assert "| Acme |" in text and "| Globex |" in text and "## Alerts" in text and "| surge |" in text
     for name in ("report-acme.png", "report-globex.png"):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_makes_a_classifier_the_monitor_runs_with(tmp_path: Path, tiny_encoder_dir: Path) -> None:
+    from lmforge.apps.monitor import RunClassifier
+    from lmforge.cli import main
+
+    rng = random.Random(3)
+    rows = ["review,sentiment"] + [f"\"{rng.choice(GOOD).format(e=e)}\",positive" for e in "ABCDEFGHIJKLMNOPQRST"] + \
+           [f"\"{rng.choice(BAD).format(e=e)}\",negative" for e in "ABCDEFGHIJKLMNOPQRST"]
+    (tmp_path / "mine.csv").write_text("\n".join(rows) + "\n")
+    assert main(["app", "monitor", "train", "--data", str(tmp_path / "mine.csv"), "--output", str(tmp_path / "run"),
+                 "--model", str(tiny_encoder_dir), "--text-field", "review", "--label-field", "sentiment"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train_examples"] < 40 and "macro_f1" in results["validation"]  # 10% held out by hash
+    classifier = RunClassifier(tmp_path / "run")
+    assert (classifier.negative, classifier.positive) == ("negative", "positive")
+    out = classifier.classify(["Acme lied to me", "love the new Acme app"])
+    assert all(set(s.probabilities) == {"negative", "positive"} for s in out)
+    assert all(s.negative == (s.label == "negative") and -1 <= s.score <= 1 for s in out)
+    entities, rules = files(tmp_path)
+    assert main(["app", "monitor", "run", "--source", str(write(tmp_path / "s.jsonl", fixture_stream(days=1))),
+                 "--entities", str(entities), "--rules", str(rules), "--classifier", str(tmp_path / "run"),
+                 "--db", str(tmp_path / "m.sqlite"), "--progress", "false"]) == 0
+    store = Store(str(tmp_path / "m.sqlite"))
+    assert store.counts()["classified"] == store.counts()["records"] > 0
+    assert {p[5] for p in table(store, PREDICTIONS, PREDICTIONS.c.record_id)} == {str(tmp_path / "run")}
+
+
+class _Organisations:
+    """Stands in for an NER run: names the capitalised words after "at"."""
+
+    def organisations(self, texts: list[str]) -> list[list[str]]:
+        return [[w.strip(",.") for a, w in zip(t.split(), t.split()[1:], strict=False) if a == "at" and w[0].isupper()]
+                for t in texts]
+
+
+def test_organisations_no_alias_covers_become_candidates(tmp_path: Path) -> None:
+    watcher = monitor(tmp_path, ner=_Organisations())
+    texts = ["Acme hired me at Initech, great", "Globex at Initech again", "Acme at ACME today", "Acme at Hooli."]
+    watcher.run(FileSource(write(tmp_path / "s.jsonl", [{"timestamp": START + i, "text": t}
+                                                       for i, t in enumerate(texts)])))
+    found = {c["name"]: (c["count"], c["first_ts"], c["last_ts"]) for c in watcher.store.candidates()}
+    assert found == {"Initech": (2, START, START + 1), "Hooli": (1, START + 3, START + 3)}  # ACME is an alias

@@ -52,9 +52,9 @@ def test_the_dashboard_draws_the_series_and_alerts_in_chromium(tmp_path: Path) -
                                ).status_code == 400  # a database being looked at takes no records
         with browser_page(f"{running.url}/apps/monitor") as (page, errors):
             page.wait_for_function("document.querySelectorAll('#entities div').length == 2")
-            page.wait_for_function("document.querySelector('#share polyline') !== null")
+            page.wait_for_function("document.querySelector('#share path.series') !== null")
             assert page.locator("#entities div").first.get_attribute("data-entity") == "Acme"
-            assert int(page.locator("#share polyline").get_attribute("data-count")) == windows
+            assert int(page.locator("#share path.series").get_attribute("data-count")) == windows
             assert page.locator("#volume rect.point").count() == windows
             assert page.locator("#volume line.alert-mark").count() == 1
             row = page.locator("#alerts tr").first.inner_text()
