@@ -346,15 +346,18 @@ class RunClassifier:
         self.batch_size = batch_size
 
     def classify(self, texts: list[str]) -> list[Sentiment]:
-        out: list[Sentiment] = []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start:start + self.batch_size]
-            for prediction in self.served.run_task([{"text": t} for t in chunk]):
+        """Sentiments in the order of ``texts``; the model sees them in batches of similar length
+        (less padding), each batch padded to its longest."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[Sentiment | None] = [None] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            for index, prediction in zip(chunk, self.served.run_task([{"text": texts[i]} for i in chunk]), strict=True):
                 probs = {str(k): float(v) for k, v in prediction["probabilities"].items()}
                 label = str(prediction["label"])
                 score = probs.get(self.positive, 0.0) if self.positive else 0.0
-                out.append(Sentiment(label, label == self.negative, score - probs.get(self.negative, 0.0), probs))
-        return out
+                out[index] = Sentiment(label, label == self.negative, score - probs.get(self.negative, 0.0), probs)
+        return [s for s in out if s is not None]
 
 
 NEGATORS = {"not", "no", "never", "cannot", "can't", "don't", "doesn't", "didn't", "isn't", "wasn't", "aren't",

@@ -337,6 +337,11 @@ def test_train_makes_a_classifier_the_monitor_runs_with(tmp_path: Path, tiny_enc
     assert (classifier.negative, classifier.positive) == ("negative", "positive")
     out = classifier.classify(["Acme lied to me", "love the new Acme app"])
     assert all(set(s.probabilities) == {"negative", "positive"} for s in out)
+    texts = [t.format(e=e) for t in GOOD + BAD for e in ("Acme", "Globex Intergalactic Holdings")]
+    classifier.batch_size = 3  # batches of similar length, answers in the order asked
+    alone = [classifier.classify([t])[0].probabilities for t in texts]
+    together = [s.probabilities for s in classifier.classify(texts)]
+    assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(alone, together, strict=True))
     assert all(s.negative == (s.label == "negative") and -1 <= s.score <= 1 for s in out)
     entities, rules = files(tmp_path)
     assert main(["app", "monitor", "run", "--source", str(write(tmp_path / "s.jsonl", fixture_stream(days=1))),
