@@ -67,6 +67,17 @@ class FinetuneSection:
     format: str | None = None  # jsonl, csv, tsv, parquet, conll (ner), squad (qa); default: from the suffix
     epochs: float | None = None  # sets train.steps from the training set size (default 3 unless train.steps is given)
     limit: int | None = None  # use this many training examples (a label budget), drawn with the seed
+    # few labels (classify): --shots K draws K training examples per label with the seed;
+    # --method setfit (contrastive pairs + logistic regression) or icl (a decoder's verbalizer
+    # log-likelihoods, zero-shot or with --demonstrations K per label, --calibrate)
+    method: Literal["finetune", "setfit", "icl"] = "finetune"
+    shots: int | None = None
+    setfit_iterations: int = 20
+    verbalizers: dict[str, list[str]] | None = None  # icl: label -> words (default: the label names)
+    template: str = "Review: {text}\nSentiment:"
+    instruction: str = ""
+    demonstrations: int = 0
+    calibrate: bool = False
     eval_limit: int | None = None  # evaluate on this many validation/test examples (a fixed sample)
     eval_before: bool = False  # also evaluate the model before fine-tuning (results.json "before")
     evals_per_epoch: int = 1  # when train.eval_every is 0
@@ -114,6 +125,10 @@ class FinetuneSection:
             problems.append(f"epochs={self.epochs}: must be > 0 (or null to use train.steps)")
         if (self.limit is not None and self.limit < 1) or (self.eval_limit is not None and self.eval_limit < 1):
             problems.append(f"limit={self.limit}, eval_limit={self.eval_limit}: must be >= 1 (or null)")
+        if self.method != "finetune" and self.task != "classify":
+            problems.append(f"method={self.method}: few-shot methods are for the classify task, not {self.task}")
+        if self.shots is not None and self.shots < 1:
+            problems.append(f"shots={self.shots}: must be >= 1 (or null for every example)")
         if self.max_length is not None and self.max_length < 8:
             problems.append(f"max_length={self.max_length}: must be >= 8")
         if problems:
@@ -219,6 +234,10 @@ def read_splits(section: FinetuneSection, task: Task, seed: int = 0, positions: 
     an explicit ``max_length``, it is chosen to cover 95% of the training examples (up to
     the model's ``positions``) and longer examples are truncated, with a counted warning."""
     examples = {"train": task.read(section.train, "train", fmt=section.format)}
+    if section.shots is not None:
+        from lmforge.fewshot import draw_shots
+
+        examples["train"] = draw_shots(examples["train"], section.shots, seed, where=", ".join(section.train))
     if section.limit is not None and section.limit < len(examples["train"]):
         examples["train"] = random.Random(f"{seed}:{section.limit}").sample(examples["train"], section.limit)
     task.fit(examples["train"])
@@ -259,6 +278,10 @@ def run_finetuning(config: dict[str, Any], output: str | Path, resume: bool = Fa
         def claim(dist: Distributed) -> None:
             stack.enter_context(claim_run_folder(output, resume, overwrite, dist.is_main, dist.restarted))
 
+        if config["finetune"].method != "finetune":
+            from lmforge.recipes.fewshot import run_fewshot
+
+            return run_fewshot(config, Path(output), progress, claim)
         return _finetune(config, Path(output), resume, progress, claim)
 
 
@@ -437,7 +460,9 @@ def write_predictions(task: Task, examples: list[dict[str, Any]], predictions: l
 def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
     from lmforge.train.tracking import report
 
-    report(run_dir)
+    trained = (run_dir / "metrics.jsonl").exists()  # an in-context classifier has no training curves
+    if trained:
+        report(run_dir)
     rows = [(split, results[split]) for split in ("before", "validation", "test") if split in results]
     keys = sorted({k for _, metrics in rows for k in metrics}, key=lambda k: (k != results["main_metric"], k))
     lines = [f"# Fine-tuning: {results['task']}", "", f"model: `{results['model']}`; training examples: "
@@ -445,7 +470,7 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
              "| split | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for split, metrics in rows:
         lines.append(f"| {split} | " + " | ".join(f"{metrics[k]:.4g}" if k in metrics else "" for k in keys) + " |")
-    lines += ["", "![curves](curves.png)"]
+    lines += ["", "![curves](curves.png)"] if trained else [""]
     lines += [f"![{p.stem}]({p.name})" for p in sorted(run_dir.glob("confusion-*.png"))]
     write_text(run_dir / "report.md", "\n".join(lines) + "\n")
     return run_dir / "report.md"

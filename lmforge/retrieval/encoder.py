@@ -108,7 +108,8 @@ class PairLoader(BucketedLoader):
                 "doc_input_ids": documents["input_ids"], "doc_attention_mask": documents["attention_mask"],
                 "doc_key": torch.tensor([r["doc_key"] for r in rows], dtype=torch.long),
                 "doc_logq": torch.tensor([r.get("log_q", 0.0) for r in rows], dtype=torch.float32),
-                "index": torch.as_tensor(chosen, dtype=torch.long)}
+                "index": torch.as_tensor(chosen, dtype=torch.long),
+                **({"target": torch.tensor([r["target"] for r in rows], dtype=torch.float32)} if "target" in rows[0] else {})}
 
 
 class ContrastiveObjective(Objective):

@@ -1,0 +1,152 @@
+"""Few labels: shots drawn per label, SetFit pairs, in-context scoring against a hand
+computation, contextual calibration, saved few-shot classifiers predicting the same again, and
+the clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import ConfigError, DataError
+from lmforge.fewshot import draw_shots
+from lmforge.fewshot.icl import IclClassifier, IclSettings, calibrated
+from lmforge.fewshot.setfit import setfit_pairs
+from tests.tasks.conftest import tiny_decoder_dir, tiny_encoder_dir  # noqa: F401  (shared fixtures)
+
+GOOD = ["a lovely film", "great acting and a great story", "I loved every minute", "wonderful, warm and funny",
+        "the best meal in town", "friendly staff and fast service", "works perfectly", "superb value"]
+BAD = ["a dull film", "terrible acting", "I hated every minute", "boring and cold", "the worst meal in town",
+       "rude staff and slow service", "broke after a day", "a waste of money"]
+
+
+def labelled() -> list[dict[str, str]]:
+    return [{"text": t, "label": "positive"} for t in GOOD] + [{"text": t, "label": "negative"} for t in BAD]
+
+
+def test_shots_are_k_per_label_the_same_for_a_seed_and_refused_when_short() -> None:
+    drawn = draw_shots(labelled(), 3, seed=1)
+    assert sorted(e["label"] for e in drawn) == ["negative"] * 3 + ["positive"] * 3
+    assert drawn == draw_shots(labelled(), 3, seed=1) and drawn != draw_shots(labelled(), 3, seed=2)
+    with pytest.raises(DataError, match=r"reviews.csv: 9 shots per label were asked for, but 'negative' has 8"):
+        draw_shots(labelled() + [{"text": "x", "label": "positive"}], 9, seed=1, where="reviews.csv")
+
+
+def test_setfit_pairs_are_balanced_and_never_pair_an_example_with_itself() -> None:
+    examples = labelled() + [{"text": "a lovely film", "label": "positive"}]  # a duplicate text
+    labels, texts = [e["label"] for e in examples], [e["text"] for e in examples]
+    pairs = setfit_pairs(labels, texts, iterations=5, seed=0)
+    positive = [p for p in pairs if p.target == 1.0]
+    negative = [p for p in pairs if p.target == 0.0]
+    assert len(positive) == len(negative) == 5 * len(examples)
+    assert all(p.first != p.second and texts[p.first] != texts[p.second] for p in pairs)
+    assert all(labels[p.first] == labels[p.second] for p in positive)
+    assert all(labels[p.first] != labels[p.second] for p in negative)
+    with pytest.raises(DataError, match="two labels"):
+        setfit_pairs(["a", "a"], ["x", "y"], 2, 0)
+
+
+def test_calibration_divides_by_the_content_free_probabilities() -> None:
+    log_p = torch.tensor([[0.6, 0.4]]).log()
+    p_cf = torch.tensor([0.7, 0.3])  # the prompt leans to label 0 whatever the text
+    out = calibrated(log_p, p_cf).exp()
+    by_hand = torch.tensor([0.6 / 0.7, 0.4 / 0.3])
+    assert torch.allclose(out[0], by_hand / by_hand.sum(), atol=1e-6)
+    assert int(log_p.argmax()) == 0 and int(out.argmax()) == 1  # the decision changes as the formula says
+    assert torch.allclose(calibrated(log_p, torch.tensor([0.5, 0.5])).exp(), log_p.exp(), atol=1e-6)
+
+
+def _decoder(folder: Path) -> tuple[torch.nn.Module, object]:
+    from lmforge.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained(folder)
+    return model.eval(), tokenizer
+
+
+def test_in_context_scores_equal_a_hand_computation_with_multi_token_words(tiny_decoder_dir: Path) -> None:  # noqa: F811
+    model, tokenizer = _decoder(tiny_decoder_dir)
+    verbalizers = {"negative": [" awful", " not good at all"], "positive": [" superb and wonderful"]}
+    settings = IclSettings(["negative", "positive"], verbalizers, "Text: {text}\nAnswer:", "Judge each text.",
+                           [{"text": "a dull film", "label": "negative"}])
+    classifier = IclClassifier(model, tokenizer, settings, batch_size=3)
+    assert max(len(w) for ws in classifier.words.values() for w in ws) > 1  # multi-token words are there
+    texts = ["great acting", "rude staff and slow service"]
+    got = classifier.log_probs(texts)
+
+    def word_score(prompt: str, word: str) -> float:
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        word_ids = tokenizer.encode(word, add_special_tokens=False)
+        ids = torch.tensor([prompt_ids + word_ids])
+        with torch.no_grad():
+            log_probs = F.log_softmax(model.logits(model(ids))[0].float(), -1)
+        return float(sum(log_probs[len(prompt_ids) - 1 + i, t] for i, t in enumerate(word_ids)))
+
+    for row, text in enumerate(texts):
+        prompt = "Judge each text.\n\nText: a dull film\nAnswer: awful\n\nText: " + text + "\nAnswer:"
+        assert classifier.prompt(text) == prompt
+        raw = torch.tensor([torch.logsumexp(torch.tensor([word_score(prompt, w) for w in verbalizers[label]]), 0)
+                            for label in ("negative", "positive")])
+        assert torch.allclose(got[row], raw - torch.logsumexp(raw, 0), atol=1e-4)
+
+
+def test_a_saved_in_context_classifier_reloads_and_predicts_the_same(tmp_path: Path,
+                                                                     tiny_decoder_dir: Path) -> None:  # noqa: F811
+    model, tokenizer = _decoder(tiny_decoder_dir)
+    settings = IclSettings(["negative", "positive"], {"negative": ["bad"], "positive": ["good"]})
+    classifier = IclClassifier(model, tokenizer, settings)
+    p_cf = classifier.calibrate()
+    assert len(p_cf) == 2 and abs(sum(p_cf) - 1) < 1e-6
+    classifier.save(tmp_path / "icl", tiny_decoder_dir)
+    again = IclClassifier.load(tmp_path / "icl")
+    texts = ["a lovely film", "a waste of money"]
+    assert again.settings.calibration == p_cf
+    assert again.predict(texts) == classifier.predict(texts)
+
+
+def test_bad_few_shot_settings_are_clear_errors(tiny_decoder_dir: Path) -> None:  # noqa: F811
+    model, tokenizer = _decoder(tiny_decoder_dir)
+    with pytest.raises(ConfigError) as error:
+        IclClassifier(model, tokenizer, IclSettings(["negative", "positive"], {"negative": ["bad"], "neutral": ["meh"]},
+                                                    template="Review:"))
+    text = str(error.value)
+    assert "has no {text} slot" in text and "label 'positive' has no verbalizer" in text and "'neutral'" in text
+
+
+def _finetune(*args: str) -> int:
+    from lmforge.cli import main
+
+    return main(["finetune", "--task", "classify", *args])
+
+
+def test_setfit_run_reloads_and_predicts_what_it_wrote(tmp_path: Path, tiny_encoder_dir: Path) -> None:  # noqa: F811
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(e) for e in labelled()) + "\n")
+    test = tmp_path / "test.jsonl"
+    test.write_text("\n".join(json.dumps(e) for e in labelled()[::3]) + "\n")
+    assert _finetune("--model", str(tiny_encoder_dir), "--train", str(data), "--test", str(test), "--method", "setfit",
+                     "--shots", "4", "--setfit-iterations", "2", "--output", str(tmp_path / "run")) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["method"] == "setfit" and results["train_examples"] == 8 and results["pairs"] == 32
+    written = [json.loads(line) for line in (tmp_path / "run" / "predictions-test.jsonl").read_text().splitlines()]
+    from lmforge.recipes.finetune import evaluate_model, predict_file
+
+    predict_file(tmp_path / "run", [str(test)], tmp_path / "again.jsonl", progress=False)
+    again = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
+    assert [w["prediction"] for w in written] == [a["prediction"] for a in again]
+    assert all(w["probabilities"] == pytest.approx(a["probabilities"], abs=1e-5) for w, a in zip(written, again,
+                                                                                                 strict=True))
+    assert evaluate_model(tmp_path / "run", [str(test)], progress=False)["accuracy"] == results["test"]["accuracy"]
+
+
+def test_more_shots_than_examples_is_refused_before_the_run_folder_is_made(tmp_path: Path,
+                                                                            tiny_encoder_dir: Path) -> None:  # noqa: F811
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(e) for e in labelled()) + "\n")
+    from lmforge.cli import main
+
+    code = main(["finetune", "--task", "classify", "--model", str(tiny_encoder_dir), "--train", str(data),
+                 "--shots", "20", "--output", str(tmp_path / "run")])
+    assert code != 0 and not (tmp_path / "run").exists()
