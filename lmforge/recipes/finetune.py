@@ -157,6 +157,7 @@ SECTIONS: dict[str, type] = {"finetune": FinetuneSection, "train": TrainConfig, 
 FLAT_ALIASES = {"--train": "--finetune.train", "--validation": "--finetune.validation", "--test": "--finetune.test",
                 "--device": "--train.device", "--precision": "--train.precision"}
 DEFAULTS: dict[str, dict[str, Any]] = {"train": {"lr": 5e-5, "batch_size": 32, "log_every": 10}}
+FEWSHOT_STEPS = 100  # plain fine-tuning with --shots and no length given: steps, as few-shot baselines train
 
 
 def flat_to_sections(argv: list[str]) -> list[str]:
@@ -179,7 +180,8 @@ def flat_to_sections(argv: list[str]) -> list[str]:
             lists.setdefault(flag, []).extend(parsed)
             index += 2
             continue
-        if flag in ("--finetune.eval_before", "--finetune.truncate", "--finetune.class_weights", "--finetune.chat") \
+        if flag in ("--finetune.eval_before", "--finetune.truncate", "--finetune.class_weights", "--finetune.chat",
+                    "--finetune.calibrate") \
                 and (value is None or value.startswith("--")):
             out += [flag, "true"]
             index += 1
@@ -205,6 +207,9 @@ def load_config(path: str | Path | None, arguments: list[str] | None = None) -> 
         raise ConfigError(["--epochs and --train.steps both set the length of training: give one of them"],
                           where="command line")
     defaults = {**DEFAULTS, "finetune": {} if user_steps else {"epochs": 3.0}}
+    shots = any(o.startswith("--finetune.shots") for o in overrides) or (given or {}).get("finetune", {}).get("shots")
+    if shots and not user_steps and not user_epochs:  # 3 epochs of 16 examples a label are a step or two
+        defaults = {**DEFAULTS, "finetune": {}, "train": {**DEFAULTS["train"], "steps": FEWSHOT_STEPS}}
     return load_run_config(SECTIONS, path, overrides, defaults=defaults)
 
 

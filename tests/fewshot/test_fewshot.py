@@ -150,3 +150,28 @@ def test_more_shots_than_examples_is_refused_before_the_run_folder_is_made(tmp_p
     code = main(["finetune", "--task", "classify", "--model", str(tiny_encoder_dir), "--train", str(data),
                  "--shots", "20", "--output", str(tmp_path / "run")])
     assert code != 0 and not (tmp_path / "run").exists()
+
+
+def test_the_few_shot_curve_runs_every_method_and_keeps_finished_runs(tmp_path: Path, tiny_encoder_dir: Path,  # noqa: F811
+                                                                      tiny_decoder_dir: Path) -> None:  # noqa: F811
+    from lmforge.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(e) for e in labelled()) + "\n")
+    arguments = ["fewshot", "curve", "--task", "classify", "--train", str(data), "--test", str(data), "--methods",
+                 "finetune", "setfit", "icl", "--shots", "2", "4", "--seeds", "0", "--encoder", str(tiny_encoder_dir),
+                 "--decoder", str(tiny_decoder_dir), "--demonstrations", "1", "--setfit-iterations", "1",
+                 "--train.steps", "2", "--output", str(tmp_path / "curve")]
+    assert main(arguments) == 0
+    curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    cells = {(r["start"], r["labels"]) for r in curve["runs"]}
+    assert cells == {(m, n) for m in ("finetune", "setfit", "icl") for n in (4, 8)}
+    icl = json.loads((tmp_path / "curve" / "runs" / "icl-2-s0" / "results.json").read_text())
+    assert icl["method"] == "icl" and icl["demonstrations"] == 2
+    references = json.loads((tmp_path / "curve" / "references" / "curve.json").read_text())
+    assert {r["start"]: r["labels"] for r in references["runs"]} == {"ceiling (all labels)": 16, "icl zero-shot": 16}
+    table = (tmp_path / "curve" / "curve.md").read_text()
+    assert "| setfit |" in table and "| icl |" in table and (tmp_path / "curve" / "curve.png").exists()
+    finished = (tmp_path / "curve" / "runs" / "setfit-4-s0" / "results.json").stat().st_mtime_ns
+    assert main(arguments) == 0  # a second call reads the finished runs
+    assert (tmp_path / "curve" / "runs" / "setfit-4-s0" / "results.json").stat().st_mtime_ns == finished
