@@ -30,7 +30,18 @@ def run_fewshot(config: dict[str, Any], run_dir: Path, progress: bool, claim: Ca
     section: FinetuneSection = config["finetune"]
     if section.method == "setfit":
         return _setfit(config, run_dir, progress, claim)
+    if section.method == "prompt":
+        return _prompt(config, run_dir, progress, claim)
     return _icl(config, run_dir, progress, claim)
+
+
+def _verbalizers(section: FinetuneSection, labels: list[str]) -> dict[str, list[str]]:
+    if section.verbalizers:
+        return {str(k): list(v) for k, v in section.verbalizers.items()}
+    if all(label.strip("-").isdigit() for label in labels):
+        raise ConfigError([f"method={section.method}: the labels {labels} are numbers; name a word for each with "
+                           "--verbalizers '{\"0\": [\"negative\"], \"1\": [\"positive\"]}'"])
+    return {label: [label] for label in labels}
 
 
 def _results(section: FinetuneSection, task: Any, splits: Any, started: float) -> dict[str, Any]:
@@ -115,16 +126,13 @@ def _icl(config: dict[str, Any], run_dir: Path, progress: bool, claim: Callable[
     task = make_task(section.spec(None), tokenizer)
     splits = read_splits(section, task, train.seed, None)
     labels = task.spec.labels
-    verbalizers = section.verbalizers or {label: [label] for label in labels}
-    if not section.verbalizers and all(label.strip("-").isdigit() for label in labels):
-        raise ConfigError([f"method=icl: the labels {labels} are numbers; name a word for each with "
-                           "--verbalizers '{\"0\": [\"negative\"], \"1\": [\"positive\"]}'"])
+    verbalizers = _verbalizers(section, labels)
     demonstrations = []
     if section.demonstrations:
         demonstrations = [{"text": str(e["text"]), "label": str(e["label"])}
                           for e in draw_shots(splits.examples["train"], section.demonstrations, train.seed + 1)]
-    settings = IclSettings(labels, {str(k): list(v) for k, v in verbalizers.items()}, section.template,
-                           section.instruction, demonstrations)
+    settings = IclSettings(labels, verbalizers, section.template or IclSettings.template, section.instruction,
+                           demonstrations)
     classifier = IclClassifier(model, tokenizer, settings)
     claim(dist)
     if section.calibrate:
@@ -132,6 +140,53 @@ def _icl(config: dict[str, Any], run_dir: Path, progress: bool, claim: Callable[
     classifier.save(run_dir / "model", section.model)
     results = _results(section, task, splits, started)
     results.update({"demonstrations": len(demonstrations), "calibration": settings.calibration})
+
+    def predict(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return classifier.predict([str(e["text"]) for e in items])
+
+    return _finish(run_dir, task, splits, results, predict)
+
+
+def _prompt(config: dict[str, Any], run_dir: Path, progress: bool, claim: Callable[[Distributed], None]
+            ) -> dict[str, Any]:
+    from lmforge.checkpoint import load_pretrained
+    from lmforge.data.loader import BucketedLoader
+    from lmforge.fewshot.prompt import PromptClassifier, PromptObjective, require_mlm_head
+    from lmforge.train import Trainer
+
+    started = time.perf_counter()
+    section: FinetuneSection = config["finetune"]
+    train = config["train"]
+    dist = setup_distributed("cpu")
+    torch.manual_seed(train.seed)
+    model, tokenizer = load_pretrained(section.model, with_mlm_head=True)
+    model = require_mlm_head(model, section.model)
+    if tokenizer is None:
+        raise ConfigError([f"method=prompt: {section.model} has no tokenizer"])
+    positions = getattr(model.config, "max_position_embeddings", None)
+    task = make_task(section.spec(positions), tokenizer)
+    splits = read_splits(section, task, train.seed, positions)
+    classifier = PromptClassifier(model, tokenizer, task.spec.labels, _verbalizers(section, task.spec.labels),
+                                  section.template or PromptClassifier.template,
+                                  int(task.options.get("max_length") or 128))
+    claim(dist)
+    steps = 0
+    if not section.zero_shot:
+        rows = [{**classifier.prompt.encode(str(e["text"])), "labels": label_index(task.spec.labels, e["label"], e)}
+                for e in splits.examples["train"]]
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        batch_size = min(train.batch_size, len(rows))
+        loader = BucketedLoader(rows, batch_size, pad, seed=train.seed)
+        settings = replace(train, batch_size=batch_size, eval_every=0, trackers=[],
+                           warmup_steps=min(train.warmup_steps, train.steps // 10))
+        objective = PromptObjective(model, classifier.prompt)
+        objective.train()
+        Trainer(objective, loader, settings, run_dir, tokenizer=tokenizer, progress=progress).fit()
+        steps = settings.steps
+    folder = classifier.save(run_dir / "model")
+    classifier = PromptClassifier.load(folder)  # what evaluate / predict will load
+    results = _results(section, task, splits, started)
+    results.update({"steps": steps, "zero_shot": section.zero_shot, "template": classifier.prompt.template})
 
     def predict(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return classifier.predict([str(e["text"]) for e in items])

@@ -70,14 +70,15 @@ class FinetuneSection:
     # few labels (classify): --shots K draws K training examples per label with the seed;
     # --method setfit (contrastive pairs + logistic regression) or icl (a decoder's verbalizer
     # log-likelihoods, zero-shot or with --demonstrations K per label, --calibrate)
-    method: Literal["finetune", "setfit", "icl"] = "finetune"
+    method: Literal["finetune", "setfit", "icl", "prompt"] = "finetune"
     shots: int | None = None
     setfit_iterations: int = 20
-    verbalizers: dict[str, list[str]] | None = None  # icl: label -> words (default: the label names)
-    template: str = "Review: {text}\nSentiment:"
+    verbalizers: dict[str, list[str]] | None = None  # icl / prompt: label -> words (default: the label names)
+    template: str | None = None  # icl: "Review: {text}\nSentiment:"; prompt: "{text} It was [MASK]."
     instruction: str = ""
     demonstrations: int = 0
     calibrate: bool = False
+    zero_shot: bool = False  # prompt: score the cloze without fine-tuning
     eval_limit: int | None = None  # evaluate on this many validation/test examples (a fixed sample)
     eval_before: bool = False  # also evaluate the model before fine-tuning (results.json "before")
     evals_per_epoch: int = 1  # when train.eval_every is 0
@@ -181,7 +182,7 @@ def flat_to_sections(argv: list[str]) -> list[str]:
             index += 2
             continue
         if flag in ("--finetune.eval_before", "--finetune.truncate", "--finetune.class_weights", "--finetune.chat",
-                    "--finetune.calibrate") \
+                    "--finetune.calibrate", "--finetune.zero_shot") \
                 and (value is None or value.startswith("--")):
             out += [flag, "true"]
             index += 1
