@@ -13,6 +13,7 @@ body limits and metrics, and a dashboard page.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ class MonitorApp:
     def __init__(self, db: str, live: Any = None) -> None:
         self.db, self.live = db, live
         self.store: Store | None = None
+        self._appending = threading.Lock()  # HTTP records are numbered after the last stored: one batch at a time
 
     def load(self) -> None:
         self.store = Store(self.db)
@@ -91,7 +93,11 @@ class MonitorApp:
                     records.append({"index": index, **parse_record(item)})
                 except ValueError as error:
                     rejected.append({"index": index, "reason": f"records[{index}]: {error}", "raw": str(item)[:500]})
-            stored = await server.offload(store().append, self.source, records, rejected)
+            def append() -> int:
+                with self._appending:
+                    return store().append(self.source, records, rejected)
+
+            stored = await server.offload(append)
             self.live.set()  # wake the monitor
             return {"accepted": stored, "rejected": [{"index": r["index"], "reason": r["reason"]} for r in rejected]}
 

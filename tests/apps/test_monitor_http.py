@@ -37,6 +37,16 @@ def test_ingest_refuses_unauthenticated_requests_and_stores_keyed_ones(tmp_path:
             assert summary["records"] == 2 and summary["rejects"] == 2 and summary["ingest"] is True
             assert {e["entity"]: e["negative"] for e in summary["entities"]} == {"Acme": 1, "Globex": 0}
             assert client.post("/v1/apps/monitor/ingest", json={"records": []}).status_code == 400  # empty
+        from concurrent.futures import ThreadPoolExecutor
+
+        def post(batch: int) -> int:
+            records = [{"text": f"Acme note {batch}-{k}", "timestamp": START + 60 * k} for k in range(5)]
+            with running.client() as client:
+                return int(client.post("/v1/apps/monitor/ingest", json={"records": records}).json()["accepted"])
+
+        with ThreadPoolExecutor(8) as pool:  # concurrent batches are numbered one after another
+            assert sum(pool.map(post, range(8))) == 40
+        assert watcher.store.counts()["records"] == 42
     finally:
         running.stop()
 
