@@ -284,6 +284,7 @@ def fewshot_curve(argv: list[str]) -> None:
     label drawn from the shots; --calibrate and --verbalizers pass through). Also the ceiling
     (the encoder fine-tuned on every training example) and the decoder zero-shot, once each.
     Writes curve.md (mean ± std), curve.json and curve.png; finished runs are kept.
+    --no-references skips the ceiling and zero-shot runs (a second grid beside a first one).
     """
     if not argv or argv[0] in ("-h", "--help"):
         print(fewshot_curve.__doc__)
@@ -292,6 +293,8 @@ def fewshot_curve(argv: list[str]) -> None:
     single: dict[str, str] = {}
     rest: list[str] = []
     current = None
+    references_too = "--no-references" not in argv
+    argv = [arg for arg in argv if arg != "--no-references"]
     for arg in argv:
         if arg in lists or arg in ("--output", "--encoder", "--decoder", "--demonstrations"):
             current = arg
@@ -322,11 +325,12 @@ def fewshot_curve(argv: list[str]) -> None:
     output = Path(single["--output"])
     learning_curve(rest, lists["--shots"], chosen, seeds, output, budget_flag="--shots",
                    arm_args={m: arms[m] for m in chosen})
-    references = {"ceiling (all labels)": (encoder, []), "icl zero-shot": (decoder, ["--method", "icl"])}
-    learning_curve(rest, ["all"], {name: model for name, (model, _) in references.items()}, [0],
-                   output / "references", arm_args={name: extra for name, (_, extra) in references.items()})
     print((output / "curve.md").read_text(encoding="utf-8"))
-    print((output / "references" / "curve.md").read_text(encoding="utf-8"))
+    if references_too:
+        references = {"ceiling (all labels)": (encoder, []), "icl zero-shot": (decoder, ["--method", "icl"])}
+        learning_curve(rest, ["all"], {name: model for name, (model, _) in references.items()}, [0],
+                       output / "references", arm_args={name: extra for name, (_, extra) in references.items()})
+        print((output / "references" / "curve.md").read_text(encoding="utf-8"))
 
 
 def _smollm2() -> Path:
