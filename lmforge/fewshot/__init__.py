@@ -37,3 +37,10 @@ def draw_shots(examples: Sequence[dict[str, Any]], shots: int, seed: int, label:
         chosen += rng.sample(by_label[name], shots)
     rng.shuffle(chosen)
     return chosen
+
+
+def label_predictions(labels: Sequence[str], probabilities: Any) -> list[dict[str, Any]]:
+    """One ``{"label", "probabilities"}`` per row of an (N, labels) tensor, as the classify task writes."""
+    return [{"label": labels[int(row.argmax())],
+             "probabilities": {label: round(float(v), 6) for label, v in zip(labels, row, strict=True)}}
+            for row in probabilities]

@@ -119,12 +119,11 @@ class IclClassifier:
         return log_p.exp()
 
     def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        from lmforge.fewshot import label_predictions
+
         out = []
         for start in range(0, len(texts), 16):
-            for row in self.probabilities(texts[start:start + 16]):
-                out.append({"label": self.settings.labels[int(row.argmax())],
-                            "probabilities": {label: round(float(v), 6) for label, v in zip(self.settings.labels, row,
-                                                                                             strict=True)}})
+            out += label_predictions(self.settings.labels, self.probabilities(texts[start:start + 16]))
         return out
 
     # ------------------------------------------------------------------ folder

@@ -146,10 +146,9 @@ class PromptClassifier:
         self.prompt = ClozePrompt(tokenizer, labels, verbalizers, template or self.template, max_length)
 
     def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
-        labels = self.prompt.labels
-        return [{"label": labels[int(row.argmax())],
-                 "probabilities": {label: round(float(v), 6) for label, v in zip(labels, row, strict=True)}}
-                for row in prompt_probabilities(self.model, self.prompt, texts)]
+        from lmforge.fewshot import label_predictions
+
+        return label_predictions(self.prompt.labels, prompt_probabilities(self.model, self.prompt, texts))
 
     def save(self, folder: str | Path) -> Path:
         from lmforge.checkpoint import save_model

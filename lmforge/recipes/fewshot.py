@@ -44,6 +44,12 @@ def _verbalizers(section: FinetuneSection, labels: list[str]) -> dict[str, list[
     return {label: [label] for label in labels}
 
 
+def _start(config: dict[str, Any]) -> tuple[float, FinetuneSection, Any, Distributed]:
+    """(start time, finetune section, train section, the single CPU process) of a few-shot run."""
+    torch.manual_seed(config["train"].seed)
+    return time.perf_counter(), config["finetune"], config["train"], setup_distributed("cpu")
+
+
 def _results(section: FinetuneSection, task: Any, splits: Any, started: float) -> dict[str, Any]:
     return {"task": "classify", "method": section.method, "model": section.model, "shots": section.shots,
             "train_examples": len(splits.examples["train"]), "labels": task.spec.labels,
@@ -71,11 +77,8 @@ def _setfit(config: dict[str, Any], run_dir: Path, progress: bool, claim: Callab
     from lmforge.fewshot.setfit import logistic_head, mean_features, setfit_pairs, tune_encoder
     from lmforge.tasks.loading import load_task_model
 
-    started = time.perf_counter()
-    section: FinetuneSection = replace(config["finetune"], pooling="mean")
-    train = config["train"]
-    dist = setup_distributed("cpu")
-    torch.manual_seed(train.seed)
+    started, section, train, dist = _start(config)
+    section = replace(section, pooling="mean")
     model, tokenizer = load_backbone(section.model)
     if getattr(model, "causal", False):
         raise ConfigError([f"method=setfit: {section.model} is a decoder; SetFit tunes a sentence encoder"])
@@ -116,10 +119,7 @@ def _icl(config: dict[str, Any], run_dir: Path, progress: bool, claim: Callable[
     from lmforge.fewshot import draw_shots
     from lmforge.fewshot.icl import IclClassifier, IclSettings
 
-    started = time.perf_counter()
-    section: FinetuneSection = config["finetune"]
-    train = config["train"]
-    dist = setup_distributed("cpu")
+    started, section, train, dist = _start(config)
     model, tokenizer = load_pretrained(section.model)
     if not getattr(model, "causal", False) or tokenizer is None:
         raise ConfigError([f"method=icl: {section.model} is not a decoder with a tokenizer (try SmolLM2's .gguf)"])
@@ -154,11 +154,7 @@ def _prompt(config: dict[str, Any], run_dir: Path, progress: bool, claim: Callab
     from lmforge.fewshot.prompt import PromptClassifier, PromptObjective, require_mlm_head
     from lmforge.train import Trainer
 
-    started = time.perf_counter()
-    section: FinetuneSection = config["finetune"]
-    train = config["train"]
-    dist = setup_distributed("cpu")
-    torch.manual_seed(train.seed)
+    started, section, train, dist = _start(config)
     model, tokenizer = load_pretrained(section.model, with_mlm_head=True)
     model = require_mlm_head(model, section.model)
     if tokenizer is None:
