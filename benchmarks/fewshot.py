@@ -58,7 +58,7 @@ def main() -> None:
     (output / "fewshot.json").write_text(json.dumps({"runs": runs, "summary": summary, "references": references,
                                                      "zero_shot_accuracy": zero}, indent=1) + "\n")
     plot_curve(output / "fewshot-curve.png", summary)
-    write_table(work / "fewshot.md", summary, runs)
+    write_table(work / "fewshot.md", summary, runs, "shots per label")
     table = (work / "fewshot.md").read_text().replace("![curve](curve.png)", "")
     table += "\n" + (work / "curve" / "references" / "curve.md").read_text().split("\n", 2)[2].replace(
         "![curve](curve.png)", "")

@@ -88,7 +88,7 @@ def learning_curve(
                      "split": split, **{k: v for k, v in results[split].items() if k in ("accuracy", "f1", "entity_f1")}})
     summary = summarise(runs)
     write_json(output / "curve.json", {"runs": runs, "summary": summary})
-    write_table(output / "curve.md", summary, runs)
+    write_table(output / "curve.md", summary, runs, "shots per label" if budget_flag == "--shots" else "labels")
     plot_curve(output / "curve.png", summary)
     return {"runs": runs, "summary": summary}
 
@@ -106,13 +106,13 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def write_table(path: Path, summary: list[dict[str, Any]], runs: list[dict[str, Any]]) -> Path:
+def write_table(path: Path, summary: list[dict[str, Any]], runs: list[dict[str, Any]], unit: str = "labels") -> Path:
     starts = list(dict.fromkeys(s["start"] for s in summary))
     budgets = list(dict.fromkeys(s["budget"] for s in summary))
     cell = {(s["start"], s["budget"]): s for s in summary}
     metric = summary[0]["metric"] if summary else "metric"
     lines = [f"# Label-efficiency curve ({metric}, mean ± std over seeds, split: {runs[0]['split'] if runs else '-'})",
-             "", "| start | " + " | ".join(f"{b} labels" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+             "", "| start | " + " | ".join(f"{b} {unit}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
     for start in starts:
         values = [cell.get((start, b)) for b in budgets]
         lines.append(f"| {start} | " + " | ".join(f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "" for v in values)
