@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.apps.monitor import Rule, iso
+from lmforge.apps.monitor import Rule, iso, parse_time
 from lmforge.apps.monitor_store import Store
 from lmforge.fileio import save_figure, write_text
 
@@ -150,14 +150,8 @@ def inject(records: Iterable[dict[str, Any]], surges: Sequence[Surge], negatives
             text = rng.choice(negatives)
             out.append({"timestamp": surge.start + spread * k / max(1, surge.size), "text": f"{surge.entity}: {text}",
                         "meta": {"injected": number}})
-    out.sort(key=lambda r: float(r["timestamp"]) if not isinstance(r["timestamp"], str) else _ts(r["timestamp"]))
+    out.sort(key=lambda r: parse_time(r["timestamp"]))
     return out
-
-
-def _ts(value: str) -> float:
-    from lmforge.apps.monitor import parse_time
-
-    return parse_time(value)
 
 
 def score_detection(alerts: Sequence[dict[str, Any]], surges: Sequence[Surge], window: float, span_s: float,

@@ -58,8 +58,7 @@ class IclClassifier:
     def __init__(self, model: Any, tokenizer: Any, settings: IclSettings, batch_size: int = 8) -> None:
         settings.check()
         self.model, self.tokenizer, self.settings, self.batch_size = model.eval(), tokenizer, settings, batch_size
-        self.words = {label: [self._ids(" " + w.strip() if not w.startswith(" ") else w) for w in words]
-                      for label, words in settings.verbalizers.items()}
+        self.words = {label: [self._ids(spaced(w)) for w in words] for label, words in settings.verbalizers.items()}
 
     def _ids(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -69,9 +68,7 @@ class IclClassifier:
 
     def prompt(self, text: str) -> str:
         s = self.settings
-        shown = [s.template.format(text=d["text"]) + (s.verbalizers[d["label"]][0] if s.verbalizers[d["label"]][0]
-                                                      .startswith(" ") else " " + s.verbalizers[d["label"]][0])
-                 for d in s.demonstrations]
+        shown = [s.template.format(text=d["text"]) + spaced(s.verbalizers[d["label"]][0]) for d in s.demonstrations]
         parts = ([s.instruction] if s.instruction else []) + shown + [s.template.format(text=text)]
         return s.separator.join(parts)
 
@@ -152,6 +149,11 @@ class IclClassifier:
             raise CorruptFileError(f"{path}: {decoder} changed since the classifier was saved (SHA-256 differs)")
         model, tokenizer = load_pretrained(decoder)
         return cls(model, tokenizer, IclSettings(**saved["settings"]))
+
+
+def spaced(word: str) -> str:
+    """A verbalizer word as it follows the prompt: after one space (" positive")."""
+    return word if word.startswith(" ") else " " + word.strip()
 
 
 def calibrated(log_p: torch.Tensor, p_cf: torch.Tensor) -> torch.Tensor:
