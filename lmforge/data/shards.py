@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -183,40 +183,14 @@ def prepare_shards(
     key, total_bytes, document_count = fingerprint(documents(), tokenizer, options)
     if document_count == 0:
         raise DataError("the corpus is empty: no documents to tokenize")
-    index_path = output / "index.json"
-    if index_path.exists():
-        try:
-            existing = json.loads(index_path.read_text())
-        except json.JSONDecodeError:
-            existing = {}
-        if existing.get("fingerprint") == key:
-            print_fn(f"shards in {output} match these inputs ({key}); reusing them")
-            return output
+    if _fingerprint_of(output) == key:
+        print_fn(f"shards in {output} match these inputs ({key}); reusing them")
+        return output
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    writer = _ShardWriter(tmp, shard_tokens, word_starts)
     start_time = time.perf_counter()
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing",
-               disable=not progress, smoothing=0.1)
-    in_flight: deque[Future[tuple[bytes, bytes]]] = deque()
-    try:
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer.backend.to_str(),)) as pool:
-            for chunk, chunk_size in _chunks(documents(), chunk_bytes):
-                in_flight.append(pool.submit(_encode_chunk, chunk, dtype, separator, bos, word_starts))
-                in_flight[-1].add_done_callback(lambda _f, n=chunk_size: bar.update(n))
-                while len(in_flight) >= 2 * workers:  # bounded memory: wait for the oldest
-                    writer.write(*in_flight.popleft().result())
-            while in_flight:
-                writer.write(*in_flight.popleft().result())
-        writer.close_shard()
-    except BaseException:
-        bar.close()
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shards = writer.shards
-    bar.close()
+    shards = _tokenize_into(tmp, documents, tokenizer, options, workers, chunk_bytes, total_bytes, progress)
     elapsed = time.perf_counter() - start_time
     index = {
         "format_version": FORMAT_VERSION,
@@ -233,13 +207,51 @@ def prepare_shards(
         "shards": [{"file": s.path.name, "tokens": s.tokens, "documents": s.documents} for s in shards],
     }
     write_json(tmp / "index.json", index)
-    if output.exists():
+    if output.exists():  # the new shards replace the old ones whole
         shutil.rmtree(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, output)
     print_fn(f"{index['documents']:,} documents, {index['tokens']:,} tokens, "
              f"{total_bytes / 2**20:.1f} MiB in {elapsed:.1f}s ({total_bytes / 2**20 / max(elapsed, 1e-9):.2f} MiB/s)")
     return output
+
+
+def _fingerprint_of(folder: Path) -> str | None:
+    """The input fingerprint recorded by the shards in ``folder`` (None: none readable there)."""
+    try:
+        return json.loads((folder / "index.json").read_text()).get("fingerprint")
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _tokenize_into(folder: Path, documents: Callable[[], Iterable[Document]], tokenizer: Tokenizer,
+                   options: dict[str, Any], workers: int, chunk_bytes: int, total_bytes: int, progress: bool
+                   ) -> list[ShardInfo]:
+    """Encode the documents in chunks on ``workers`` processes (at most 2 chunks per worker in
+    flight, so memory stays bounded) and write them to shards in ``folder``, in order. On
+    any failure, ``folder`` is removed."""
+    writer = _ShardWriter(folder, options["shard_tokens"], options["word_starts"])
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing",
+               disable=not progress, smoothing=0.1)
+    encode = (options["dtype"], options["separator"], options["bos"], options["word_starts"])
+    in_flight: deque[Future[tuple[bytes, bytes]]] = deque()
+    try:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer.backend.to_str(),)) as pool:
+            for chunk, chunk_size in _chunks(documents(), chunk_bytes):
+                in_flight.append(pool.submit(_encode_chunk, chunk, *encode))
+                in_flight[-1].add_done_callback(lambda _f, n=chunk_size: bar.update(n))
+                while len(in_flight) >= 2 * workers:  # bounded memory: wait for the oldest
+                    writer.write(*in_flight.popleft().result())
+            while in_flight:
+                writer.write(*in_flight.popleft().result())
+        writer.close_shard()
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return writer.shards
 
 
 class _ShardWriter:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lmforge.errors import DataError
@@ -44,3 +45,42 @@ def label_predictions(labels: Sequence[str], probabilities: Any) -> list[dict[st
     return [{"label": labels[int(row.argmax())],
              "probabilities": {label: round(float(v), 6) for label, v in zip(labels, row, strict=True)}}
             for row in probabilities]
+
+
+FEWSHOT_FILES = ("fewshot.json", "prompt.json")  # in-context (icl) and cloze-prompt classifiers
+
+
+def fewshot_folder(folder: str | Path) -> Path | None:
+    """The folder (``folder`` or its ``model/``) holding an in-context or cloze-prompt
+    classifier, else None."""
+    for candidate in (Path(folder), Path(folder) / "model"):
+        if any((candidate / name).is_file() for name in FEWSHOT_FILES):
+            return candidate
+    return None
+
+
+def load_fewshot(folder: str | Path) -> tuple[Any, Any]:
+    """(classify task, classifier with ``predict(texts)``) of an ``icl`` or ``prompt`` run
+    folder: what `lmforge evaluate` and `lmforge predict` run on such a folder. The task's
+    field names and labels are those the run was trained with."""
+    from lmforge.errors import CorruptFileError
+    from lmforge.fileio import read_json
+    from lmforge.tasks import TASKS, TaskSpec, make_task
+
+    found = fewshot_folder(folder)
+    if found is None:
+        raise CorruptFileError(f"{folder}: neither fewshot.json nor prompt.json (not a few-shot classifier folder)")
+    classifier: Any
+    if (found / "fewshot.json").is_file():
+        from lmforge.fewshot.icl import IclClassifier
+
+        saved, classifier = read_json(found / "fewshot.json"), IclClassifier.load(found)
+        labels = list(classifier.settings.labels)
+    else:
+        from lmforge.fewshot.prompt import PromptClassifier
+
+        saved, classifier = read_json(found / "prompt.json"), PromptClassifier.load(found)
+        labels = list(classifier.prompt.labels)
+    spec = TaskSpec(**saved["task"]) if saved.get("task") else TaskSpec("classify", dict(TASKS["classify"].fields),
+                                                                         labels)
+    return make_task(spec, classifier.tokenizer), classifier

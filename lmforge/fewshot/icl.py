@@ -10,7 +10,8 @@ log-likelihood after the prompt, zero-shot or after k labelled demonstrations.
 Contextual calibration (Zhao et al. 2021): p_cf is p for content-free texts ("N/A", "",
 "[MASK]", averaged); the calibrated probabilities are softmax(log p - log p_cf), i.e. W p with
 W = diag(1 / p_cf), renormalised: a label the prompt favours regardless of the text loses
-that head start.
+that head start. With labelled shots at hand, the same correction can be learned instead
+(``calibrate_on``): per-label biases b fitted to the shots, kept as p_cf = softmax(-b).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class IclSettings:
     demonstrations: list[dict[str, str]] = field(default_factory=list)  # {"text", "label"}
     separator: str = "\n\n"
     calibration: list[float] | None = None  # p_cf per label, when calibrated
+    calibrated_on: str | None = None  # "content-free" or "N labelled shots"
 
     def check(self) -> None:
         problems = []
@@ -106,6 +108,33 @@ class IclClassifier:
         """p_cf from the content-free texts; kept in the settings (saved with them)."""
         p = self.log_probs(list(CONTENT_FREE)).exp().mean(0)
         self.settings.calibration = (p / p.sum()).tolist()
+        self.settings.calibrated_on = "content-free"
+        return self.settings.calibration
+
+    def calibrate_on(self, texts: Sequence[str], labels: Sequence[str], l2: float = 1e-2) -> list[float]:
+        """Label biases learned from labelled examples (Zhao et al. 2021's alternative when a
+        few labels are at hand: W = I, b fitted): b maximises the likelihood of the gold
+        labels under softmax(log p + b), with a small L2 pull towards 0, and is kept as
+        p_cf = softmax(-b), so it applies exactly as content-free calibration does."""
+        names = self.settings.labels
+        unknown = sorted({str(label) for label in labels} - set(names))
+        if unknown:
+            raise ConfigError([f"calibration examples have labels {unknown} that are not among {names}"])
+        log_p = self.log_probs(texts).float()
+        targets = torch.tensor([names.index(str(label)) for label in labels])
+        bias = torch.zeros(len(names), requires_grad=True)
+        optimiser = torch.optim.LBFGS([bias], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimiser.zero_grad()
+            loss = F.cross_entropy(log_p + bias, targets) + l2 * bias.pow(2).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimiser.step(closure)
+        self.settings.calibration = torch.softmax(-bias.detach(), -1).tolist()
+        self.settings.calibrated_on = f"{len(texts)} labelled shots"
         return self.settings.calibration
 
     def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
@@ -115,23 +144,28 @@ class IclClassifier:
             log_p = calibrated(log_p, torch.tensor(self.settings.calibration))
         return log_p.exp()
 
-    def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+    def predict(self, texts: Sequence[str], progress: bool = False) -> list[dict[str, Any]]:
+        from tqdm.auto import tqdm
+
         from lmforge.fewshot import label_predictions
 
-        out = []
-        for start in range(0, len(texts), 16):
-            out += label_predictions(self.settings.labels, self.probabilities(texts[start:start + 16]))
+        out: list[dict[str, Any]] = []
+        with tqdm(total=len(texts), disable=not progress, desc="in-context", unit="text", leave=False) as bar:
+            for start in range(0, len(texts), 16):
+                out += label_predictions(self.settings.labels, self.probabilities(texts[start:start + 16]))
+                bar.update(len(texts[start:start + 16]))
         return out
 
     # ------------------------------------------------------------------ folder
-    def save(self, folder: str | Path, decoder: str | Path) -> Path:
-        """``fewshot.json``: the settings and the decoder file it runs on (path and SHA-256)."""
+    def save(self, folder: str | Path, decoder: str | Path, task: dict[str, Any] | None = None) -> Path:
+        """``fewshot.json``: the settings, the decoder file it runs on (path and SHA-256) and
+        the classify task's spec (its field names), which evaluate and predict read."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         decoder = Path(decoder).resolve()
         write_json(folder / "fewshot.json", {"format": FORMAT, "method": "icl", "decoder": str(decoder),
                                              "decoder_sha256": sha256_file(decoder) if decoder.is_file() else None,
-                                             "settings": self.settings.__dict__})
+                                             "settings": self.settings.__dict__, "task": task})
         return folder
 
     @classmethod

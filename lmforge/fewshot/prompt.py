@@ -121,15 +121,17 @@ class PromptObjective(Objective):
 
 
 @torch.inference_mode()
-def prompt_probabilities(model: nn.Module, prompt: ClozePrompt, texts: Sequence[str], batch_size: int = 32
-                         ) -> torch.Tensor:
+def prompt_probabilities(model: nn.Module, prompt: ClozePrompt, texts: Sequence[str], batch_size: int = 32,
+                         progress: bool = False) -> torch.Tensor:
     """(N, labels) softmax of the label scores."""
+    from tqdm.auto import tqdm
+
     from lmforge.data.loader import pad_batch
 
     model.eval()
     pad = prompt.tokenizer.pad_id if prompt.tokenizer.pad_id is not None else 0
     out = []
-    for start in range(0, len(texts), batch_size):
+    for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="cloze", unit="batch", leave=False):
         batch = pad_batch([prompt.encode(t) for t in texts[start:start + batch_size]], pad)
         out.append(prompt.label_scores(model, batch).softmax(-1))
     return torch.cat(out) if out else torch.zeros((0, len(prompt.labels)))
@@ -145,19 +147,22 @@ class PromptClassifier:
         self.model, self.tokenizer, self.verbalizers = model, tokenizer, verbalizers
         self.prompt = ClozePrompt(tokenizer, labels, verbalizers, template or self.template, max_length)
 
-    def predict(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+    def predict(self, texts: Sequence[str], progress: bool = False) -> list[dict[str, Any]]:
         from lmforge.fewshot import label_predictions
 
-        return label_predictions(self.prompt.labels, prompt_probabilities(self.model, self.prompt, texts))
+        return label_predictions(self.prompt.labels, prompt_probabilities(self.model, self.prompt, texts,
+                                                                          progress=progress))
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, task: dict[str, Any] | None = None) -> Path:
+        """The masked LM's folder plus ``prompt.json`` (labels, verbalizers, template and the
+        classify task's spec, which evaluate and predict read)."""
         from lmforge.checkpoint import save_model
         from lmforge.fileio import write_json
 
         folder = save_model(self.model, folder, self.tokenizer)
         write_json(Path(folder) / "prompt.json", {"format": 1, "method": "prompt", "labels": self.prompt.labels,
                                                   "verbalizers": self.verbalizers, "template": self.prompt.template,
-                                                  "max_length": self.prompt.max_length})
+                                                  "max_length": self.prompt.max_length, "task": task})
         return Path(folder)
 
     @classmethod

@@ -3,11 +3,13 @@ evaluated and written like any classify run (results.json, predictions, report).
 
 setfit: RUN/model is an ordinary classify folder (encoder + linear head, pooling "mean").
 icl:    RUN/model/fewshot.json names the decoder (path and SHA-256), the template, the
-        verbalizers, the demonstrations and the calibration; `IclClassifier.load` reads it.
+        verbalizers, the demonstrations and the calibration (on content-free inputs, or label
+        biases fitted to the shots with --calibrate shots); `IclClassifier.load` reads it.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -23,6 +25,8 @@ from lmforge.recipes.finetune import FinetuneSection, load_backbone, read_splits
 from lmforge.tasks import make_task
 from lmforge.tasks.base import label_index
 from lmforge.train.dist import Distributed, setup_distributed
+
+CALIBRATION_EXAMPLES = 512  # --calibrate shots without --shots: at most this many training examples
 
 
 def run_fewshot(config: dict[str, Any], run_dir: Path, progress: bool, claim: Callable[[Distributed], None]
@@ -135,11 +139,22 @@ def _icl(config: dict[str, Any], run_dir: Path, progress: bool, claim: Callable[
                            demonstrations)
     classifier = IclClassifier(model, tokenizer, settings)
     claim(dist)
-    if section.calibrate:
+    calibration = section.calibrate
+    if calibration is None:  # the shots' labels are the best evidence of the prompt's label bias
+        calibration = "shots" if section.shots is not None else False
+    calibration = "content-free" if calibration is True else (calibration or None)
+    if calibration == "content-free":
         classifier.calibrate()
-    classifier.save(run_dir / "model", section.model)
+    elif calibration == "shots":
+        shown = {d["text"] for d in demonstrations}  # an example is not scored after itself
+        pool = [e for e in splits.examples["train"] if str(e["text"]) not in shown] or splits.examples["train"]
+        if len(pool) > CALIBRATION_EXAMPLES:
+            pool = random.Random(f"calibration:{train.seed}").sample(pool, CALIBRATION_EXAMPLES)
+        classifier.calibrate_on([str(e["text"]) for e in pool], [str(e["label"]) for e in pool])
+    classifier.save(run_dir / "model", section.model, task.spec.to_dict())
     results = _results(section, task, splits, started)
-    results.update({"demonstrations": len(demonstrations), "calibration": settings.calibration})
+    results.update({"demonstrations": len(demonstrations), "calibration": settings.calibration,
+                    "calibrated_on": settings.calibrated_on})
 
     def predict(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return classifier.predict([str(e["text"]) for e in items])
@@ -179,7 +194,7 @@ def _prompt(config: dict[str, Any], run_dir: Path, progress: bool, claim: Callab
         objective.train()
         Trainer(objective, loader, settings, run_dir, tokenizer=tokenizer, progress=progress).fit()
         steps = settings.steps
-    folder = classifier.save(run_dir / "model")
+    folder = classifier.save(run_dir / "model", task.spec.to_dict())
     classifier = PromptClassifier.load(folder)  # what evaluate / predict will load
     results = _results(section, task, splits, started)
     results.update({"steps": steps, "zero_shot": section.zero_shot, "template": classifier.prompt.template})

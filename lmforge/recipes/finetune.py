@@ -18,11 +18,13 @@ file and line and leaves an existing run folder as it was. Run folder::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import random
 import resource
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -69,7 +71,9 @@ class FinetuneSection:
     limit: int | None = None  # use this many training examples (a label budget), drawn with the seed
     # few labels (classify): --shots K draws K training examples per label with the seed;
     # --method setfit (contrastive pairs + logistic regression) or icl (a decoder's verbalizer
-    # log-likelihoods, zero-shot or with --demonstrations K per label, --calibrate)
+    # log-likelihoods, zero-shot or with --demonstrations K per label; label biases fitted to
+    # the shots when --shots is given (--calibrate shots), --calibrate: on content-free inputs,
+    # --calibrate false: none)
     method: Literal["finetune", "setfit", "icl", "prompt"] = "finetune"
     shots: int | None = None
     setfit_iterations: int = 20
@@ -77,7 +81,7 @@ class FinetuneSection:
     template: str | None = None  # icl: "Review: {text}\nSentiment:"; prompt: "{text} It was [MASK]."
     instruction: str = ""
     demonstrations: int = 0
-    calibrate: bool = False
+    calibrate: bool | Literal["content-free", "shots"] | None = None  # true: content-free; default: shots with --shots
     zero_shot: bool = False  # prompt: score the cloze without fine-tuning
     eval_limit: int | None = None  # evaluate on this many validation/test examples (a fixed sample)
     eval_before: bool = False  # also evaluate the model before fine-tuning (results.json "before")
@@ -161,6 +165,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {"train": {"lr": 5e-5, "batch_size": 32, "
 FEWSHOT_STEPS = 100  # plain fine-tuning with --shots and no length given: steps, as few-shot baselines train
 
 
+@functools.cache
+def _bool_flags() -> frozenset[str]:
+    """``--section.key`` of every config field that may be true or false (a bare flag sets it)."""
+    flags = set()
+    for name, section in SECTIONS.items():
+        for key, hint in typing.get_type_hints(section).items():
+            if hint is bool or bool in typing.get_args(hint):
+                flags.add(f"--{name}.{key}")
+    return frozenset(flags)
+
+
 def flat_to_sections(argv: list[str]) -> list[str]:
     """``--task classify --text-field review`` -> ``--finetune.task classify --finetune.text_field review``;
     dotted flags (``--train.lr``) stay as they are; a repeated list flag accumulates."""
@@ -181,9 +196,7 @@ def flat_to_sections(argv: list[str]) -> list[str]:
             lists.setdefault(flag, []).extend(parsed)
             index += 2
             continue
-        if flag in ("--finetune.eval_before", "--finetune.truncate", "--finetune.class_weights", "--finetune.chat",
-                    "--finetune.calibrate", "--finetune.zero_shot") \
-                and (value is None or value.startswith("--")):
+        if flag in _bool_flags() and (value is None or value.startswith("--")):  # a bare --zero-shot
             out += [flag, "true"]
             index += 1
             continue
@@ -485,6 +498,12 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------------- evaluate / predict
 def evaluate_model(model: str | Path, data: list[str], fmt: str | None = None, batch_size: int = 64,
                    progress: bool = True, device: str = "auto", precision: str = "auto") -> dict[str, float]:
+    from lmforge.fewshot import fewshot_folder, load_fewshot
+
+    if fewshot_folder(model) is not None:  # an in-context or cloze-prompt classifier
+        task, classifier = load_fewshot(model)
+        examples = task.read(data, "test", fmt=fmt)
+        return task.metrics(examples, classifier.predict([str(e["text"]) for e in examples], progress=progress))
     chosen = resolve_device(device)
     task, objective = load_task_model(model, chosen)
     examples = task.read(data, "test", fmt=fmt)
@@ -503,12 +522,19 @@ def predict_file(model: str | Path, data: list[str], output: str | Path, fmt: st
     if Path(output).resolve() in inputs:
         raise ConfigError([f"output={output} is also an input: predictions never replace the data they came from; "
                            "choose another output file"])
-    chosen = resolve_device(device)
-    task, objective = load_task_model(model, chosen)
-    examples = task.read(data, "test", labeled=False, fmt=fmt)
-    features = task.encode_all(examples, labeled=False)
-    _, predictions = task.evaluate(objective, examples, features, batch_size, labeled=False, progress=progress,
-                                   autocast=resolve_precision(precision, chosen).dtype)
+    from lmforge.fewshot import fewshot_folder, load_fewshot
+
+    if fewshot_folder(model) is not None:  # an in-context or cloze-prompt classifier
+        task, classifier = load_fewshot(model)
+        examples = task.read(data, "test", labeled=False, fmt=fmt)
+        predictions = classifier.predict([str(e["text"]) for e in examples], progress=progress)
+    else:
+        chosen = resolve_device(device)
+        task, objective = load_task_model(model, chosen)
+        examples = task.read(data, "test", labeled=False, fmt=fmt)
+        features = task.encode_all(examples, labeled=False)
+        _, predictions = task.evaluate(objective, examples, features, batch_size, labeled=False, progress=progress,
+                                       autocast=resolve_precision(precision, chosen).dtype)
     write_predictions(task, examples, predictions, Path(output))
     return len(predictions)
 

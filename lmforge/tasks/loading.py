@@ -21,6 +21,12 @@ def load_task_model(folder: str | Path, device: str | torch.device = "cpu") -> t
     if not (folder / "task.json").exists() and (folder / "model" / "task.json").exists():
         folder = folder / "model"
     if not (folder / "task.json").exists():
+        from lmforge.fewshot import fewshot_folder
+
+        if fewshot_folder(folder) is not None:
+            raise CorruptFileError(f"{folder}: an in-context or cloze-prompt classifier (fewshot.json / prompt.json): "
+                                   "`lmforge evaluate` and `lmforge predict` take it; this command needs a "
+                                   "fine-tuned model folder (e.g. `--method setfit` or `finetune`)")
         raise CorruptFileError(f"{folder}: not a fine-tuned model folder (no task.json); fine-tune one with "
                                "`lmforge finetune`")
     spec = TaskSpec(**read_json(folder / "task.json"))

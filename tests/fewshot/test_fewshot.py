@@ -59,6 +59,29 @@ def test_calibration_divides_by_the_content_free_probabilities() -> None:
     assert torch.allclose(calibrated(log_p, torch.tensor([0.5, 0.5])).exp(), log_p.exp(), atol=1e-6)
 
 
+def test_biases_fitted_to_labelled_shots_are_the_maximum_likelihood_correction(
+        monkeypatch: pytest.MonkeyPatch, tiny_decoder_dir: Path) -> None:  # noqa: F811
+    model, tokenizer = _decoder(tiny_decoder_dir)
+    classifier = IclClassifier(model, tokenizer, IclSettings(["negative", "positive"],
+                                                             {"negative": ["bad"], "positive": ["good"]}))
+    # the prompt leans to "positive" whatever the text: the gap between the classes sits at +1.2
+    margins = torch.tensor([-1.0, -0.5, 0.0, 0.4, 2.0, 2.5, 3.0, 3.4])
+    log_p = torch.stack([torch.zeros(8), margins], 1).log_softmax(-1)
+    gold = ["negative"] * 4 + ["positive"] * 4
+    monkeypatch.setattr(classifier, "log_probs", lambda texts: log_p[:len(texts)])
+    assert [int(i) for i in log_p.argmax(1)] == [0, 0, 0, 1, 1, 1, 1, 1]  # one negative shot reads positive
+    p_cf = torch.tensor(classifier.calibrate_on([f"t{i}" for i in range(8)], gold, l2=0.0))
+    assert classifier.settings.calibrated_on == "8 labelled shots" and p_cf[1] > p_cf[0]
+    corrected = calibrated(log_p, p_cf)
+    assert [int(i) for i in corrected.argmax(1)] == [0, 0, 0, 0, 1, 1, 1, 1]  # the shots now read right
+    # the fit is the maximum-likelihood bias: the gradient of the loss vanishes there
+    bias = (-p_cf.log()).requires_grad_(True)
+    F.cross_entropy(log_p + bias, torch.tensor([0] * 4 + [1] * 4)).backward()
+    assert bias.grad is not None and bias.grad.abs().max() < 1e-3
+    with pytest.raises(ConfigError, match="'neutral'"):
+        classifier.calibrate_on(["x"], ["neutral"])
+
+
 def _decoder(folder: Path) -> tuple[torch.nn.Module, object]:
     from lmforge.checkpoint import load_pretrained
 
@@ -104,6 +127,30 @@ def test_a_saved_in_context_classifier_reloads_and_predicts_the_same(tmp_path: P
     texts = ["a lovely film", "a waste of money"]
     assert again.settings.calibration == p_cf
     assert again.predict(texts) == classifier.predict(texts)
+
+
+def test_evaluate_and_predict_take_an_in_context_run_with_its_own_field_names(tmp_path: Path,
+                                                                             tiny_decoder_dir: Path) -> None:  # noqa: F811
+    from lmforge.errors import CorruptFileError
+    from lmforge.recipes.finetune import evaluate_model, predict_file
+    from lmforge.tasks.loading import load_task_model
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("\n".join(json.dumps({"review": e["text"], "stars": e["label"]}) for e in labelled()) + "\n")
+    unlabelled = tmp_path / "new.jsonl"
+    unlabelled.write_text("\n".join(json.dumps({"review": e["text"]}) for e in labelled()[::2]) + "\n")
+    assert _finetune("--model", str(tiny_decoder_dir), "--train", str(data), "--test", str(data), "--method", "icl",
+                     "--text-field", "review", "--label-field", "stars", "--calibrate", "--shots", "2",
+                     "--demonstrations", "1", "--output", str(tmp_path / "run")) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert evaluate_model(tmp_path / "run", [str(data)], progress=False) == pytest.approx(results["test"])
+    written = [json.loads(line) for line in (tmp_path / "run" / "predictions-test.jsonl").read_text().splitlines()]
+    assert predict_file(tmp_path / "run", [str(unlabelled)], tmp_path / "out.jsonl", progress=False) == 8
+    again = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [a["text"] for a in again] == [w["text"] for w in written[::2]]  # read from "review"
+    assert [a["prediction"] for a in again] == [w["prediction"] for w in written[::2]]
+    with pytest.raises(CorruptFileError, match="in-context or cloze-prompt classifier"):
+        load_task_model(tmp_path / "run")  # serve / quantise need a fine-tuned folder: said so
 
 
 def test_bad_few_shot_settings_are_clear_errors(tiny_decoder_dir: Path) -> None:  # noqa: F811
@@ -168,6 +215,9 @@ def test_the_few_shot_curve_runs_every_method_and_keeps_finished_runs(tmp_path: 
     assert cells == {(m, n) for m in ("finetune", "setfit", "icl") for n in (4, 8)}
     icl = json.loads((tmp_path / "curve" / "runs" / "icl-2-s0" / "results.json").read_text())
     assert icl["method"] == "icl" and icl["demonstrations"] == 2
+    assert icl["calibrated_on"] == "2 labelled shots"  # by default, on the shots not shown in the prompt
+    zero = json.loads((tmp_path / "curve" / "references" / "runs" / "icl zero-shot-all-s0" / "results.json").read_text())
+    assert zero["calibrated_on"] is None  # no shots, no calibration unless asked for
     references = json.loads((tmp_path / "curve" / "references" / "curve.json").read_text())
     assert {r["start"]: r["labels"] for r in references["runs"]} == {"ceiling (all labels)": 16, "icl zero-shot": 16}
     table = (tmp_path / "curve" / "curve.md").read_text()

@@ -101,3 +101,9 @@ def test_a_prompt_tuned_run_reloads_and_predicts_what_it_wrote(tmp_path: Path, t
     assert [p["label"] for p in predicted] == [w["prediction"] for w in written]
     assert all(p["probabilities"] == pytest.approx(w["probabilities"], abs=1e-5) for p, w in zip(predicted, written,
                                                                                                   strict=True))
+    from lmforge.recipes.finetune import evaluate_model, predict_file
+
+    assert evaluate_model(tmp_path / "tuned", [str(data)], progress=False) == pytest.approx(tuned["test"])
+    assert predict_file(tmp_path / "tuned", [str(data)], tmp_path / "again.jsonl", progress=False) == len(written)
+    again_written = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
+    assert [a["prediction"] for a in again_written] == [w["prediction"] for w in written]
