@@ -112,6 +112,7 @@ class FinetuneSection:
     pooling: Literal["auto", "cls", "pooler", "mean", "last"] = "auto"
     head_dropout: float | None = None
     scheme: Literal["BIO", "BIOES"] = "BIO"
+    crf: bool = False  # ner: a CRF over the word tags (scheme-constrained Viterbi); also --ner.crf
     no_relation_label: str = "no_relation"
     doc_stride: int = 128
     max_answer_length: int = 30
@@ -187,6 +188,8 @@ def flat_to_sections(argv: list[str]) -> list[str]:
         value = argv[index + 1] if index + 1 < len(argv) else None
         if flag == "--peft":  # --peft lora is --peft.method lora
             flag = "--peft.method"
+        if flag == "--ner.crf":  # the task's option, named after the task
+            flag = "--finetune.crf"
         if flag.startswith("--") and "." not in flag.split("=")[0]:
             flag = FLAT_ALIASES.get(flag, "--finetune." + flag[2:].replace("-", "_"))
         if flag in ("--finetune.train", "--finetune.validation", "--finetune.test"):

@@ -30,6 +30,7 @@ from lmforge.data.sources import expand_paths, text_lines
 from lmforge.errors import DataError
 from lmforge.eval import metrics as M
 from lmforge.tasks.base import Head, Task, hidden_size, hidden_states
+from lmforge.tasks.crf import CRF, compact
 
 CONLL_SUFFIXES = (".conll", ".bio", ".iob", ".bioes", ".iobes")
 _WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\s\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
@@ -93,11 +94,20 @@ def repair_bio(tags: list[str]) -> list[str]:
     return fixed
 
 
+class CrfHead(Head):
+    """The linear head's scores as a CRF's emissions, with the CRF's transitions beside them."""
+
+    def __init__(self, in_features: int, labels: Sequence[str], dropout: float, scheme: str) -> None:
+        super().__init__(in_features, len(labels), dropout)
+        self.crf = CRF(labels, scheme)
+
+
 class NerTask(Task):
     name = "ner"
     main_metric = "entity_f1"
     fields = {"tokens": "tokens", "tags": "tags", "text": "text", "spans": "spans"}
-    defaults = {"scheme": "BIO", "max_length": 128, "truncate": False, "head_dropout": 0.1}
+    defaults = {"scheme": "BIO", "max_length": 128, "truncate": False, "head_dropout": 0.1, "crf": False}
+    crf: CRF | None = None  # the head's CRF, when the task has one (option "crf")
 
     def label_fields(self) -> tuple[str, ...]:
         return ("tags", "spans")
@@ -197,6 +207,11 @@ class NerTask(Task):
 
     # ------------------------------------------------------------------ model
     def build_head(self, model: nn.Module) -> nn.Module:
+        if self.options.get("crf"):
+            head = CrfHead(hidden_size(model), self.spec.labels, float(self.options["head_dropout"]),
+                           str(self.options["scheme"]))
+            self.crf = head.crf
+            return head
         return Head(hidden_size(model), len(self.spec.labels), float(self.options["head_dropout"]))
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
@@ -207,6 +222,12 @@ class NerTask(Task):
 
     def loss(self, scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
         labels = batch["labels"]
+        if self.crf is not None:  # the sequence's negative log-likelihood over its words
+            keep = labels != IGNORE_INDEX
+            emissions, order, mask = compact(scores, keep)
+            tags = labels.gather(1, order)
+            correct = float((emissions.argmax(-1)[mask] == tags[mask]).sum())
+            return self.crf.nll(emissions, tags, mask), correct
         loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                                reduction="sum")
         keep = labels != IGNORE_INDEX
@@ -214,10 +235,30 @@ class NerTask(Task):
 
     def decode(self, scores: torch.Tensor, batch: dict[str, torch.Tensor], features: Sequence[dict[str, Any]]
                ) -> list[dict[str, Any]]:
+        if self.crf is not None:
+            return self._viterbi(scores, features)
+        if self.options.get("crf"):
+            raise DataError("this NER model decodes with a CRF, and its transitions are not in this export; "
+                            "evaluate or serve the model folder itself")
         best = scores.argmax(-1).tolist()
         outputs = []
         for row, feature in enumerate(features):
             tags = ["O" if p is None else self.spec.labels[best[row][p]] for p in feature["_first"]]
+            outputs.append({"offset": feature["_offset"], "tags": tags})
+        return outputs
+
+    def _viterbi(self, scores: torch.Tensor, features: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The CRF's best tags over each window's words (their first sub-tokens)."""
+        assert self.crf is not None
+        keep = torch.zeros(scores.shape[:2], dtype=torch.bool, device=scores.device)
+        for row, feature in enumerate(features):
+            keep[row, [p for p in feature["_first"] if p is not None]] = True
+        emissions, _, mask = compact(scores, keep)
+        paths = self.crf.decode(emissions, mask)
+        outputs = []
+        for feature, path in zip(features, paths, strict=True):
+            chosen = iter(path)
+            tags = ["O" if p is None else self.spec.labels[next(chosen)] for p in feature["_first"]]
             outputs.append({"offset": feature["_offset"], "tags": tags})
         return outputs
 
