@@ -41,6 +41,7 @@ from lmforge.hardware import module_device, resolve_device, resolve_precision
 from lmforge.models import backbone_of
 from lmforge.objectives.base import Objective
 from lmforge.peft import AdaLoraController, PeftSection, apply_peft, count_parameters, save_adapter
+from lmforge.peft.core import DEFAULT_LR
 from lmforge.runs import claim_run_folder
 from lmforge.tasks import TASKS, Task, TaskSpec, make_task
 from lmforge.tasks.base import steps_for_epochs
@@ -224,10 +225,26 @@ def load_config(path: str | Path | None, arguments: list[str] | None = None) -> 
         raise ConfigError(["--epochs and --train.steps both set the length of training: give one of them"],
                           where="command line")
     defaults = {**DEFAULTS, "finetune": {} if user_steps else {"epochs": 3.0}}
+    user_lr = any(o.startswith("--train.lr") for o in overrides) or "lr" in ((given or {}).get("train") or {})
+    method = _given_value(overrides, "--peft.method", ((given or {}).get("peft") or {}).get("method"))
+    if method in DEFAULT_LR and not user_lr:  # each PEFT method at its own rate
+        defaults["train"] = {**DEFAULTS["train"], "lr": DEFAULT_LR[str(method)]}
     shots = any(o.startswith("--finetune.shots") for o in overrides) or (given or {}).get("finetune", {}).get("shots")
     if shots and not user_steps and not user_epochs:  # 3 epochs of 16 examples a label are a step or two
-        defaults = {**DEFAULTS, "finetune": {}, "train": {**DEFAULTS["train"], "steps": FEWSHOT_STEPS}}
+        defaults = {**defaults, "finetune": {}, "train": {**defaults.get("train", DEFAULTS["train"]),
+                                                         "steps": FEWSHOT_STEPS}}
     return load_run_config(SECTIONS, path, overrides, defaults=defaults)
+
+
+def _given_value(overrides: list[str], flag: str, fallback: Any) -> Any:
+    """The last value given to ``flag`` (``--flag VALUE`` or ``--flag=VALUE``), else ``fallback``."""
+    value = fallback
+    for index, item in enumerate(overrides):
+        if item == flag and index + 1 < len(overrides):
+            value = overrides[index + 1]
+        elif item.startswith(flag + "="):
+            value = item.split("=", 1)[1]
+    return value
 
 
 # ---------------------------------------------------------------------- models

@@ -88,6 +88,7 @@ class TrainConfig:
     best_metric: str = "loss"  # the evaluation metric that picks the best checkpoint and early-stops
     best_mode: Literal["auto", "min", "max"] = "auto"  # auto: min for loss/perplexity/mse, else max
     layer_lr_decay: float = 1.0  # lr of layer l (of L) is lr * decay^(L + 1 - l); embeddings l = 0
+    head_lr: float | None = None  # peak lr of a task head's parameters (head.*), e.g. a CRF; None: lr
     log_every: int = 10
     seed: int = 0
     max_minutes: float | None = None  # stop (and save) after this much wall time
@@ -110,6 +111,8 @@ class TrainConfig:
             problems.append(f"skip_nonfinite_steps={self.skip_nonfinite_steps}: must be >= 0")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             problems.append(f"warmup_steps={self.warmup_steps}: must be in [0, steps={self.steps}]")
+        if self.head_lr is not None and (not math.isfinite(self.head_lr) or not 0 < self.head_lr <= 1):
+            problems.append(f"head_lr={self.head_lr}: must be a number in (0, 1] (or null: lr)")
         if not 0 < self.layer_lr_decay <= 1:
             problems.append(f"layer_lr_decay={self.layer_lr_decay}: must be in (0, 1]")
         if self.clip_norm is not None and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
@@ -246,7 +249,7 @@ class Trainer:
                                "layers) or AdaLoRA yet: use strategy ddp"], where="train")
         self.module: nn.Module = self.strategy.setup(objective)  # before the optimizer: FSDP replaces parameters
         self.optimizer = build_optimizer(objective, config.lr, config.weight_decay, config.beta1, config.beta2,
-                                         config.eps, config.layer_lr_decay)
+                                         config.eps, config.layer_lr_decay, config.head_lr)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_scaler else None
         self.logger = RunLogger(self.run_dir, enabled=self.dist.is_main, trackers=config.trackers,
                                 config=self.run_config)

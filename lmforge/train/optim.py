@@ -22,10 +22,12 @@ def layer_depth(name: str, num_layers: int) -> int:
     return num_layers + 1
 
 
-def parameter_groups(module: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:  # type: ignore[type-arg]
+def parameter_groups(module: nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                     head_scale: float = 1.0) -> list[dict]:  # type: ignore[type-arg]
     """Weight decay on matrices only: never on biases, norm scales or other 1-D tensors.
     With ``layer_decay`` < 1, each depth gets its own groups whose ``lr_scale`` is
-    layer_decay^(top - depth): the head learns at the full rate, embeddings the slowest."""
+    layer_decay^(top - depth): the head learns at the full rate, embeddings the slowest.
+    A task head's parameters (``head.*``) get ``head_scale`` times the top rate."""
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     blocks = {int(m.group(1)) for m in map(_LAYER.search, names) if m}
     top = (max(blocks) + 1 if blocks else 0) + 1
@@ -34,16 +36,20 @@ def parameter_groups(module: nn.Module, weight_decay: float, layer_decay: float 
         if not parameter.requires_grad:
             continue
         decays = parameter.dim() >= 2 and "norm" not in name
-        depth = layer_depth(name, top - 1) if layer_decay < 1 else top
+        head = head_scale != 1.0 and name.startswith("head.")
+        depth = top + 1 if head else layer_depth(name, top - 1) if layer_decay < 1 else top
+        scale = head_scale if head else layer_decay ** (top - depth)
         group = groups.setdefault((decays, depth), {"params": [], "weight_decay": weight_decay if decays else 0.0,
-                                                    "lr_scale": layer_decay ** (top - depth)})
+                                                    "lr_scale": scale})
         group["params"].append(parameter)
     return [groups[key] for key in sorted(groups, key=lambda k: (k[1], not k[0]))]
 
 
 def build_optimizer(module: nn.Module, lr: float, weight_decay: float, beta1: float, beta2: float,
-                    eps: float, layer_decay: float = 1.0) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(module, weight_decay, layer_decay), lr=lr, betas=(beta1, beta2), eps=eps)
+                    eps: float, layer_decay: float = 1.0, head_lr: float | None = None) -> torch.optim.AdamW:
+    head_scale = head_lr / lr if head_lr else 1.0
+    return torch.optim.AdamW(parameter_groups(module, weight_decay, layer_decay, head_scale), lr=lr,
+                             betas=(beta1, beta2), eps=eps)
 
 
 def schedule_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float = 0.0) -> float:

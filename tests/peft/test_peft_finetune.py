@@ -45,3 +45,23 @@ def test_finetune_with_peft(tiny_encoder_dir: Path, tmp_path: Path, method: str)
     assert torch.allclose(fresh(ids), objective.model(ids), atol=1e-6)
     meta = json.loads((tmp_path / "run" / "model" / "adapter" / "adapter_config.json").read_text())
     assert meta["peft"]["method"] == method and meta["task"]["labels"] == ["neg", "pos"]
+
+
+def test_each_method_has_its_own_default_learning_rate_and_lora_covers_every_linear_layer() -> None:
+    from lmforge.models import Decoder, Encoder, preset
+    from lmforge.peft import PeftSection, apply_peft
+    from lmforge.peft.core import DEFAULT_LR
+    from lmforge.recipes.finetune import load_config
+
+    base = ["--task", "classify", "--model", "m", "--train", "x.jsonl"]
+    assert load_config(None, base)["train"].lr == 5e-5  # full fine-tuning
+    for method, lr in DEFAULT_LR.items():
+        assert load_config(None, [*base, "--peft", method])["train"].lr == lr
+    assert DEFAULT_LR["lora"] >= 20 * 5e-5  # fresh low-rank factors do not move at full fine-tuning's rate
+    assert load_config(None, [*base, "--peft", "lora", "--train.lr", "1e-4"])["train"].lr == 1e-4  # given: kept
+    for model, per_layer in ((Encoder(preset("bert-tiny", vocab_size=50)), 6), (Decoder(preset("llama-tiny", vocab_size=50)), 7),
+                             (Decoder(preset("gpt2-tiny", vocab_size=50)), 6)):
+        layers = len(model.layers)
+        apply_peft(model, PeftSection(method="lora"))
+        wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_a") or type(m).__name__ == "LoraLinear"]
+        assert len(wrapped) == per_layer * layers, wrapped

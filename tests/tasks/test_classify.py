@@ -146,6 +146,20 @@ def test_layer_wise_lr_decay_groups(tiny_encoder_dir: Path) -> None:
     assert id(model.layers[0].attention_norm.weight) not in decayed and id(module["head"].bias) not in decayed
 
 
+def test_a_task_head_gets_its_own_learning_rate(tiny_encoder_dir: Path) -> None:
+    from lmforge.checkpoint import load_model
+    from lmforge.train.optim import build_optimizer
+
+    model = load_model(tiny_encoder_dir)
+    module = torch.nn.ModuleDict({"model": model, "head": torch.nn.Linear(4, 2)})
+    optimizer = build_optimizer(module, 5e-5, 0.01, 0.9, 0.999, 1e-8, head_lr=1e-3)
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    assert scale[id(module["head"].weight)] == pytest.approx(20.0) and scale[id(module["head"].bias)] == pytest.approx(20.0)
+    assert scale[id(model.layers[1].output.weight)] == 1.0 and scale[id(model.embeddings.word_embeddings.weight)] == 1.0
+    plain = build_optimizer(module, 5e-5, 0.01, 0.9, 0.999, 1e-8)
+    assert {g["lr_scale"] for g in plain.param_groups} == {1.0}
+
+
 def test_config_errors_are_collected(tiny_encoder_dir: Path) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(None, ["--task", "sentiment", "--model", str(tiny_encoder_dir), "--train", "x.jsonl",
