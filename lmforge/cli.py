@@ -304,7 +304,7 @@ def transfer_curve(budgets: list[str], start: list[str], output: str, seeds: lis
     print((Path(output) / "curve.md").read_text(encoding="utf-8"))
 
 
-FEWSHOT_METHODS = Literal["finetune", "setfit", "icl"]
+FEWSHOT_METHODS = Literal["finetune", "setfit", "prompt", "icl"]
 
 
 @command(sections="lmforge.recipes.finetune")
@@ -314,18 +314,21 @@ def fewshot_curve(methods: list[FEWSHOT_METHODS], shots: list[str], output: str,
     """Every few-shot method at every number of shots per label with every seed.
 
     finetune: plain fine-tuning of the encoder, 100 steps; setfit: the encoder tuned on
-    contrastive pairs, then a logistic regression; icl: the decoder scores the verbalizers,
-    with label biases fitted to the shots. Also the ceiling (the encoder fine-tuned on every
+    contrastive pairs, then a logistic regression; prompt: the encoder's masked-LM head reads
+    a cloze template (--template, --verbalizers), prompt-tuned on the shots for 100 steps (it
+    needs an encoder saved with its MLM head); icl: the decoder scores the verbalizers, with
+    label biases fitted to the shots. Also the ceiling (the encoder fine-tuned on every
     training example) and the decoder zero-shot, once each. Writes curve.md (mean ± std),
     curve.json and curve.png; finished runs are kept. The other flags are the finetune flags
     (--task classify, --train, --test, --verbalizers, --calibrate ...).
 
     Args:
-        methods: finetune, setfit and/or icl.
+        methods: finetune, setfit, prompt and/or icl.
         shots: labelled examples per label (each a point of the curve).
         output: the curve folder.
         seeds: seeds per cell (default: 0).
-        encoder: the encoder of finetune and setfit (default: the packaged MiniLM-L6).
+        encoder: the encoder of finetune, setfit and prompt (default: the packaged MiniLM-L6,
+            which has no MLM head, so prompt needs another).
         decoder: the decoder of icl (default: the packaged SmolLM2-135M-Instruct).
         demonstrations: examples per label icl shows in its prompt.
         no_references: skip the ceiling and zero-shot runs (a second grid beside a first one).
@@ -336,8 +339,8 @@ def fewshot_curve(methods: list[FEWSHOT_METHODS], shots: list[str], output: str,
     encoder = encoder or str(packaged_minilm())
     decoder = decoder or str(_smollm2())
     rest = list(overrides or [])
-    models = {"finetune": encoder, "setfit": encoder, "icl": decoder}
-    arms = {"finetune": [], "setfit": ["--method", "setfit"],
+    models = {"finetune": encoder, "setfit": encoder, "prompt": encoder, "icl": decoder}
+    arms = {"finetune": [], "setfit": ["--method", "setfit"], "prompt": ["--method", "prompt"],
             "icl": ["--method", "icl", "--demonstrations", str(demonstrations)]}
     chosen = {m: models[m] for m in methods}
     output_dir = Path(output)

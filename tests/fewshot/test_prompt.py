@@ -107,3 +107,20 @@ def test_a_prompt_tuned_run_reloads_and_predicts_what_it_wrote(tmp_path: Path, t
     assert predict_file(tmp_path / "tuned", [str(data)], tmp_path / "again.jsonl", progress=False) == len(written)
     again_written = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
     assert [a["prediction"] for a in again_written] == [w["prediction"] for w in written]
+
+
+def test_the_few_shot_curve_runs_cloze_prompts_on_a_masked_lm(tmp_path: Path, tiny_mlm: Path) -> None:
+    from lmforge.cli import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(e) for e in labelled()) + "\n")
+    assert main(["fewshot", "curve", "--task", "classify", "--train", str(data), "--test", str(data), "--methods",
+                 "prompt", "finetune", "--shots", "2", "--seeds", "0", "1", "--encoder", str(tiny_mlm), "--no-references",
+                 "--template", "{text} it was [MASK] .", "--verbalizers",
+                 json.dumps({"negative": ["bad"], "positive": ["good"]}), "--train.steps", "3",
+                 "--output", str(tmp_path / "curve")]) == 0
+    curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert {(r["start"], r["seed"]) for r in curve["runs"]} == {(m, s) for m in ("prompt", "finetune") for s in (0, 1)}
+    prompt = json.loads((tmp_path / "curve" / "runs" / "prompt-2-s1" / "results.json").read_text())
+    assert prompt["method"] == "prompt" and prompt["steps"] == 3 and prompt["train_examples"] == 4
+    assert "| prompt |" in (tmp_path / "curve" / "curve.md").read_text()
