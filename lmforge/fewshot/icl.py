@@ -77,6 +77,13 @@ class IclClassifier:
     @torch.inference_mode()
     def log_probs(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, labels) log-probabilities over the labels (uncalibrated)."""
+        if all(len(ids) == 1 for words in self.words.values() for ids in words):
+            return self._single_token_log_probs(texts)
+        return self._sequence_log_probs(texts)
+
+    @torch.inference_mode()
+    def _sequence_log_probs(self, texts: Sequence[str]) -> torch.Tensor:
+        """Each (text, word) scored as its own sequence: any word, of any number of tokens."""
         rows: list[tuple[int, int, int, list[int], int]] = []  # (text, label, word, ids, prompt length)
         for t, text in enumerate(texts):
             prompt_ids = self._ids(self.prompt(text))
@@ -102,6 +109,37 @@ class IclClassifier:
                 targets = torch.tensor(sequence[prompt_length:])
                 scores[t, l, w] = F.log_softmax(logits, -1).gather(1, targets[:, None]).sum()
         per_label = torch.logsumexp(scores, dim=-1)  # (N, labels)
+        return per_label - torch.logsumexp(per_label, dim=-1, keepdim=True)
+
+    @torch.inference_mode()
+    def _single_token_log_probs(self, texts: Sequence[str]) -> torch.Tensor:
+        """As ``log_probs`` when every verbalizer word is one token: one forward pass of each
+        prompt scores every word at once (its last position's next-token distribution)."""
+        prompts = [self._ids(self.prompt(text)) for text in texts]
+        labels = self.settings.labels
+        width = max(len(v) for v in self.words.values())
+        word_ids = torch.zeros(len(labels), width, dtype=torch.long)
+        present = torch.zeros(len(labels), width, dtype=torch.bool)
+        for l, label in enumerate(labels):
+            for w, ids in enumerate(self.words[label]):
+                word_ids[l, w], present[l, w] = ids[0], True
+        scores = torch.full((len(texts), len(labels), width), float("-inf"))
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), self.batch_size):
+            chosen = order[start:start + self.batch_size]
+            lengths = torch.tensor([len(prompts[i]) for i in chosen])
+            ids = torch.full((len(chosen), int(lengths.max())), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for b, i in enumerate(chosen):
+                ids[b, :len(prompts[i])] = torch.tensor(prompts[i])
+                mask[b, :len(prompts[i])] = 1
+            hidden = self.model(ids, mask)  # (B, T, H), right padding
+            last = hidden[torch.arange(len(chosen)), lengths - 1]
+            log_p = F.log_softmax(self.model.logits(last).float(), -1)  # (B, V)
+            picked = log_p[:, word_ids.reshape(-1)].reshape(len(chosen), len(labels), width)
+            scores[chosen] = torch.where(present[None], picked, torch.tensor(float("-inf")))
+        per_label = torch.logsumexp(scores, dim=-1)
         return per_label - torch.logsumexp(per_label, dim=-1, keepdim=True)
 
     def calibrate(self) -> list[float]:

@@ -115,6 +115,23 @@ def test_in_context_scores_equal_a_hand_computation_with_multi_token_words(tiny_
         assert torch.allclose(got[row], raw - torch.logsumexp(raw, 0), atol=1e-4)
 
 
+def test_one_token_words_are_scored_in_one_pass_as_the_general_path_scores_them(
+        tiny_decoder_dir: Path) -> None:  # noqa: F811
+    model, tokenizer = _decoder(tiny_decoder_dir)
+    single = [w for w in ("a", "the", "and", "of", "to", "is", "it", "in", "I") if len(tokenizer.encode(
+        " " + w, add_special_tokens=False)) == 1]
+    assert len(single) >= 4, single
+    settings = IclSettings(["negative", "positive", "neutral"], {"negative": single[:2], "positive": [single[2]],
+                                                                 "neutral": [single[3]]},
+                           demonstrations=[{"text": "a dull film", "label": "negative"}])
+    classifier = IclClassifier(model, tokenizer, settings, batch_size=3)
+    assert all(len(ids) == 1 for words in classifier.words.values() for ids in words)
+    texts = ["a lovely film", "terrible acting and a waste of money", "ok", "I loved every minute of it"]
+    fast = classifier.log_probs(texts)
+    assert torch.allclose(fast, classifier._sequence_log_probs(texts), atol=1e-5)
+    assert torch.allclose(fast.exp().sum(-1), torch.ones(len(texts)), atol=1e-5)
+
+
 def test_a_saved_in_context_classifier_reloads_and_predicts_the_same(tmp_path: Path,
                                                                      tiny_decoder_dir: Path) -> None:  # noqa: F811
     model, tokenizer = _decoder(tiny_decoder_dir)
