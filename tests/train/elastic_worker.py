@@ -53,6 +53,7 @@ def main() -> None:
     if distributed.is_main:
         torch.save({k: v.detach().clone() for k, v in trainer.objective.state_dict().items()},
                    Path(args.folder) / "params.pt")
+    torch.distributed.barrier()  # neither rank tears gloo down while the other still uses it
     torch.distributed.destroy_process_group()
 
 

@@ -37,6 +37,7 @@ def _rank(rank: int, port: int, folder: str, shards_folder: str, tokenizer_folde
         trainer.train_step(batches)
     if rank == 0:
         torch.save(trainer.objective.state_dict(), Path(folder) / "ddp.pt")
+    torch.distributed.barrier()  # neither rank tears gloo down while the other still uses it
     torch.distributed.destroy_process_group()
 
 

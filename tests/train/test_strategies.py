@@ -54,6 +54,7 @@ def _rank(rank: int, port: int, folder: str, shards: str, tokenizer: str, strate
     if rank == 0:
         torch.save(state, Path(folder) / "params.pt")
         (Path(folder) / "losses.json").write_text(json.dumps(losses))
+    torch.distributed.barrier()  # neither rank tears gloo down while the other still uses it
     torch.distributed.destroy_process_group()
 
 
