@@ -29,22 +29,30 @@ def test_sigterm_during_load_loses_no_accepted_request(tiny_decoder_dir: Path, t
         wait_until_ready(url, 120, alive=lambda: process.poll() is None)
         results: list[int | str] = []
         finished: list[float] = []
+        generating = [threading.Event() for _ in range(6)]
         body = {"messages": [{"role": "user", "content": "reverse: anna boris chen"}], "max_tokens": 200,
-                "temperature": 0}
+                "temperature": 0, "stream": True}
 
-        def ask() -> None:
+        def ask(index: int) -> None:
             try:
-                response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60,
-                                      headers={"Authorization": f"Bearer {KEY}"})
-                results.append(response.status_code)
-                finished.append(time.monotonic())
+                with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60,
+                                  headers={"Authorization": f"Bearer {KEY}"}) as response:
+                    done = False
+                    for line in response.iter_lines():
+                        generating[index].set()  # accepted: its first event has come
+                        done = done or line == "data: [DONE]"
+                    results.append(response.status_code if done else "unfinished")
+                    finished.append(time.monotonic())
             except httpx.HTTPError as error:
                 results.append(type(error).__name__)
+            finally:
+                generating[index].set()
 
-        threads = [threading.Thread(target=ask) for _ in range(6)]
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
         for thread in threads:
             thread.start()
-        time.sleep(0.5)  # every request is accepted and queued behind the one generating
+        for event in generating:  # every request accepted and streaming (not a fixed sleep: CI speeds vary)
+            assert event.wait(timeout=60)
         process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         for thread in threads:
