@@ -46,6 +46,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generation import GenerationConfig
 from lmforge.serve.auth import ApiKeys, presented_key
 from lmforge.serve.batching import DynamicBatcher, Overloaded
+from lmforge.serve.compute import compute
 from lmforge.serve.engine import Delta, Timings
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.models import Served, load_served, warm
@@ -151,10 +152,10 @@ class Server:
 
     async def start(self) -> None:
         for spec in self.specs:
-            served = spec if isinstance(spec, Served) else await asyncio.to_thread(load_served, spec)
+            served = spec if isinstance(spec, Served) else await compute().run(load_served, spec)
             if served.name in self.models:
                 raise LmforgeError(f"two models are named {served.name!r}; name them NAME=PATH")
-            await asyncio.to_thread(warm, served)
+            await compute().run(warm, served)
             self.models[served.name] = served
             if served.kind in ("task", "embedding"):
                 run = served.run_task if served.kind == "task" else served.run_embeddings
@@ -170,10 +171,10 @@ class Server:
             for name, folder in self.adapter_folders.items():
                 if name in self.models:
                     raise LmforgeError(f"adapter {name!r} has the name of a served model; rename one")
-                await asyncio.to_thread(decoders[0].generator.add_adapter, name, folder)
+                await compute().run(decoders[0].generator.add_adapter, name, folder)
                 self.adapters[name] = decoders[0].name
         for extension in self.extensions:
-            await asyncio.to_thread(extension.load)
+            await compute().run(extension.load)
         self.ready = True
 
     async def stop(self) -> None:
@@ -211,10 +212,10 @@ class Server:
         return total
 
     async def offload(self, function: Any, *args: Any) -> Any:
-        """``function(*args)`` in a worker thread, answered 504 past the request timeout
+        """``function(*args)`` on the compute thread, answered 504 past the request timeout
         (the applications' blocking calls)."""
         try:
-            return await asyncio.wait_for(asyncio.to_thread(function, *args), self.settings.request_timeout_s)
+            return await asyncio.wait_for(compute().run(function, *args), self.settings.request_timeout_s)
         except asyncio.TimeoutError:
             raise ApiError(504, f"the request took longer than {self.settings.request_timeout_s:g} s",
                            "timeout_error") from None
@@ -428,6 +429,7 @@ def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None
                 await asyncio.shield(worker)
                 server.generating[served.name] -= 1
                 server.metrics.tokens_out.labels(served.name).inc(timings.completion_tokens)
+                server.metrics.tokens_cached.labels(served.name).inc(timings.cached_tokens)
                 if timings.first_token_s is not None:
                     server.metrics.time_to_first_token.labels(served.name).observe(timings.first_token_s)
                     if timings.completion_tokens > 1:
@@ -437,7 +439,8 @@ def create_app(models: list[str] | list[Served], api_keys: ApiKeys | None = None
 
         def usage() -> dict[str, int]:
             return {"prompt_tokens": timings.prompt_tokens, "completion_tokens": timings.completion_tokens,
-                    "total_tokens": timings.prompt_tokens + timings.completion_tokens}
+                    "total_tokens": timings.prompt_tokens + timings.completion_tokens,
+                    "prompt_tokens_details": {"cached_tokens": timings.cached_tokens}}
 
         def finish_reason(reason: str | None) -> str | None:
             return "stop" if reason == "cancelled" else reason

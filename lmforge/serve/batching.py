@@ -2,7 +2,7 @@
 each other share one model call, within a size and token budget.
 
 A bounded queue makes overload an immediate answer (``Overloaded``: HTTP 429 with
-Retry-After) instead of a growing wait. The model runs in one worker thread (torch
+Retry-After) instead of a growing wait. The model runs on the process's compute thread (torch
 releases the GIL), so the event loop keeps accepting requests meanwhile.
 """
 
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmforge.serve.compute import compute
 from lmforge.serve.metrics import ServerMetrics
 
 
@@ -98,7 +99,7 @@ class DynamicBatcher:
             self.metrics.queue_seconds.labels(self.name).observe(started - job.arrived)
         self.metrics.batch_size.labels(self.name).observe(len(items))
         try:
-            results = await asyncio.to_thread(self.run, items)
+            results = await compute().run(self.run, items)
         except Exception as error:  # noqa: BLE001 - handed to each waiting request
             for job in jobs:
                 if not job.future.done():

@@ -25,6 +25,7 @@ from lmforge.errors import ConfigError
 from lmforge.generation import GenerationConfig, check_length, next_token
 from lmforge.models import Decoder
 from lmforge.models.layers import KVCache
+from lmforge.serve.compute import compute
 from lmforge.tokenizer import Tokenizer
 
 
@@ -37,12 +38,99 @@ class Delta:
 @dataclass
 class Timings:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     completion_tokens: int = 0
     first_token_s: float | None = None
     started: float = field(default_factory=time.perf_counter)
 
 
 INITIAL_POSITIONS = 256  # KV buffer positions to start a batch with (they grow on demand)
+PREFIX_BLOCK = 16  # prompt tokens per prefix-cache block
+PREFILL_TOKENS = 256  # rows x window positions of one batched prefill (more requests wait a step)
+PREFIX_CACHE_TOKENS = 4096  # prompt positions the prefix cache keeps (SmolLM2-135M: 46 KB each)
+
+
+@dataclass
+class _Block:
+    """Keys and values of one block of prompt tokens, each (layers) x (kv heads, block, hd)."""
+
+    ident: int
+    parent: int | str
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    children: int = 0
+    used: int = 0
+
+
+class PrefixCache:
+    """Keys and values of prompt prefixes already computed, so that prompts that begin alike
+    (a chat template's system prompt, few-shot examples, a conversation's earlier turns) skip
+    that part of their prefill.
+
+    Prompts are cut into blocks of ``block`` tokens; a block is found by its parent block and
+    its own tokens, so a hit is always an exact prefix of token ids (under the same adapter:
+    ``namespace``). Keys and values depend only on the tokens before them and on their
+    positions, which a prefix shares, so reuse computes what a full prefill computes.
+    Least recently used leaves go first once more than ``max_tokens`` positions are held.
+    """
+
+    def __init__(self, block: int = PREFIX_BLOCK, max_tokens: int = PREFIX_CACHE_TOKENS) -> None:
+        self.block, self.max_blocks = block, max_tokens // block
+        self.blocks: dict[tuple[int | str, tuple[int, ...]], _Block] = {}
+        self.by_ident: dict[int, tuple[int | str, tuple[int, ...]]] = {}
+        self.clock = 0  # bumped by each lookup: the order in which blocks were last used
+        self.last_ident = 0
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def lookup(self, namespace: str, ids: list[int]) -> list[_Block]:
+        """The cached blocks that begin ``ids``, leaving at least its last token to compute."""
+        found: list[_Block] = []
+        parent: int | str = namespace
+        self.clock += 1
+        for start in range(0, len(ids) - 1 - self.block + 1, self.block):
+            block = self.blocks.get((parent, tuple(ids[start:start + self.block])))
+            if block is None:
+                break
+            block.used = self.clock
+            found.append(block)
+            parent = block.ident
+        return found
+
+    def insert(self, namespace: str, ids: list[int], keys: list[torch.Tensor], values: list[torch.Tensor],
+               known: list[_Block]) -> None:
+        """Keep the full blocks of ``ids`` past the ``known`` ones; ``keys``/``values`` hold the
+        prompt's, one (kv heads, len(ids), hd) tensor per layer."""
+        parent: int | str = known[-1].ident if known else namespace
+        for start in range(len(known) * self.block, len(ids) - self.block + 1, self.block):
+            key = (parent, tuple(ids[start:start + self.block]))
+            block = self.blocks.get(key)
+            if block is None:
+                if not self._make_room():
+                    return
+                end = start + self.block
+                self.last_ident += 1
+                block = _Block(self.last_ident, parent,
+                               [k[:, start:end].clone() for k in keys], [v[:, start:end].clone() for v in values])
+                self.blocks[key] = block
+                self.by_ident[block.ident] = key
+                if isinstance(parent, int):
+                    self.blocks[self.by_ident[parent]].children += 1
+            block.used = self.clock
+            parent = block.ident
+
+    def _make_room(self) -> bool:
+        """Drop least recently used leaves until one more block fits; False if none can go."""
+        while len(self.blocks) >= self.max_blocks:
+            leaves = [b for b in self.blocks.values() if b.children == 0]
+            if not leaves:
+                return False
+            oldest = min(leaves, key=lambda b: b.used)
+            del self.blocks[self.by_ident.pop(oldest.ident)]
+            if isinstance(oldest.parent, int):
+                self.blocks[self.by_ident[oldest.parent]].children -= 1
+        return True
 
 
 class TextStream:
@@ -119,9 +207,12 @@ class Generator:
     """
 
     def __init__(self, model: Decoder, tokenizer: Tokenizer, max_rows: int = 8,
-                 initial_positions: int = INITIAL_POSITIONS) -> None:
+                 initial_positions: int = INITIAL_POSITIONS, prefix_cache_tokens: int = PREFIX_CACHE_TOKENS,
+                 prefill_tokens: int = PREFILL_TOKENS) -> None:
         self.model, self.tokenizer, self.max_rows = model.eval(), tokenizer, max_rows
         self.initial_positions = initial_positions
+        self.prefixes = PrefixCache(max_tokens=prefix_cache_tokens)
+        self.prefill_tokens = prefill_tokens
         self.bank: Any = None  # AdapterBank once an adapter is added
         self.adapter = ""  # the adapter the running batch uses
         self.stop_ids = sorted({*model.config.eos_token_ids,
@@ -132,9 +223,7 @@ class Generator:
         self.rows: list[_Row] = []
         self.cache: KVCache | None = None
         self.mask: torch.Tensor | None = None  # (R, capacity) 1 on each row's real positions
-        self.wake = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="lmforge-generation", daemon=True)
-        self.thread.start()
+        self.scheduled = False  # a decode step of this generator waits on the compute thread
 
     # ------------------------------------------------------------------ public
     def prompt_ids(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
@@ -183,66 +272,135 @@ class Generator:
                    config.stop_strings), generator, adapter)
         with self.pending_lock:
             self.pending.append(row)
-        self.wake.set()
+        self._schedule()
+        here = compute().here()  # called from a model call (a warm-up): step here, not on the queue
         while True:
+            if here:
+                while row.out.empty():
+                    self._tick()
             delta = row.out.get()
             yield delta
             if delta.finish_reason is not None:
                 return
 
     # ------------------------------------------------------------------ the decode loop
-    def _loop(self) -> None:
-        while True:
-            with self.pending_lock:
-                idle = not self.rows and not self.pending
-            if idle:
-                self.wake.wait()
-                self.wake.clear()
-            try:
-                with torch.inference_mode():
-                    self._admit()
-                    if self.rows:
-                        self._step()
-            except BaseException as error:  # noqa: BLE001 - every waiting request hears of it
-                for row in self.rows:
-                    row.out.put(Delta("", "error"))
-                self.rows, self.cache, self.mask = [], None, None
-                import logging
+    def _schedule(self) -> None:
+        """Queue a decode step on the compute thread unless one is queued already."""
+        with self.pending_lock:
+            if self.scheduled:
+                return
+            self.scheduled = True
+        compute().submit(self._scheduled_step)
 
-                logging.getLogger("lmforge.serve").exception("generation step failed: %s", error)
+    def _scheduled_step(self) -> None:
+        self._tick()
+        with self.pending_lock:
+            self.scheduled = bool(self.rows or self.pending)
+        if self.scheduled:  # behind whatever else waits for the compute thread
+            compute().submit(self._scheduled_step)
+
+    def _tick(self) -> None:
+        """Admit waiting requests, then one decode step of the running batch."""
+        try:
+            with torch.inference_mode():
+                self._admit()
+                if self.rows:
+                    self._step()
+        except BaseException as error:  # noqa: BLE001 - every waiting request hears of it
+            for row in self.rows:
+                row.out.put(Delta("", "error"))
+            self.rows, self.cache, self.mask = [], None, None
+            import logging
+
+            logging.getLogger("lmforge.serve").exception("generation step failed: %s", error)
 
     def _admit(self) -> None:
+        """Move waiting requests into the running batch: those that fit are prefilled together,
+        in one forward pass (within ``prefill_tokens``), so a burst of requests reads the
+        weights once rather than once each."""
+        reusable = self._prefix_reusable()
+        batchable = self.model.prompt is None  # a soft prompt sits before the padding: one row at a time
         while len(self.rows) < self.max_rows:
+            group: list[tuple[_Row, list[_Block]]] = []
             with self.pending_lock:
-                if not self.pending:
-                    return
-                if not self.rows and self.pending[0].adapter != self.adapter:
-                    self.adapter = self.pending[0].adapter  # an empty batch may switch adapters
-                    self.bank.use(self.adapter)
-                # first come, first served: a request for another adapter stops admissions until
-                # the running batch drains, so no adapter waits behind a stream of others
-                if self.pending[0].adapter != self.adapter:
-                    return
-                row = self.pending.popleft()
-            if row.cancel is not None and row.cancel.is_set():
-                row.out.put(Delta("", "cancelled"))
-                continue
+                while self.pending and len(self.rows) + len(group) < self.max_rows:
+                    if not self.rows and not group and self.pending[0].adapter != self.adapter:
+                        self.adapter = self.pending[0].adapter  # an empty batch may switch adapters
+                        self.bank.use(self.adapter)
+                    # first come, first served: a request for another adapter stops admissions until
+                    # the running batch drains, so no adapter waits behind a stream of others
+                    if self.pending[0].adapter != self.adapter:
+                        break
+                    row = self.pending[0]
+                    known = self.prefixes.lookup(row.adapter, row.ids) if reusable else []
+                    window = max([len(r.ids) - len(k) * self.prefixes.block for r, k in [*group, (row, known)]])
+                    if group and (not batchable or (len(group) + 1) * window > self.prefill_tokens):
+                        break
+                    self.pending.popleft()
+                    if row.cancel is not None and row.cancel.is_set():
+                        row.out.put(Delta("", "cancelled"))
+                        continue
+                    group.append((row, known))
+            if not group:
+                return
             try:
-                self._join(row)
-            except Exception:  # noqa: BLE001 - this request fails alone; the batch goes on
+                self._join(group)
+            except Exception:  # noqa: BLE001 - these requests fail; the running batch goes on
                 import logging
 
                 logging.getLogger("lmforge.serve").exception("prefill failed")
-                if row in self.rows:
-                    self._drop([row])
-                row.out.put(Delta("", "error"))
+                self._drop([row for row, _ in group if row in self.rows])
+                for row, _ in group:
+                    row.out.put(Delta("", "error"))
 
-    def _join(self, row: _Row) -> None:
-        """Prefill the row alone, then place its keys/values right-aligned in the batch cache."""
-        p = len(row.ids)
-        own = self.model.new_cache(1, p)
-        hidden = self.model(torch.tensor([row.ids]), cache=own)
-        token = self._choose(row, self.model.logits(hidden[:, -1]))
+    def _join(self, group: list[tuple[_Row, list[_Block]]]) -> None:
+        """Prefill the group's prompts in one forward pass, each after its cached prefix blocks,
+        then place each row's keys/values right-aligned in the batch cache.
+
+        The prompts are right-aligned too: row i (p_i tokens, c_i of them cached) holds token j
+        at position P - p_i + j, with P the longest prompt; the pass computes the last
+        T = max(p_i - c_i) positions, and every earlier position of a row is a cached one (its
+        keys and values are copied in) or padding (masked). Positions count each row's own
+        tokens, so every row computes what it computes alone.
+        """
+        block = self.prefixes.block
+        rows = [row for row, _ in group]
+        lengths = [len(row.ids) for row in rows]
+        P = max(lengths)
+        T = max(p - len(known) * block for p, (_, known) in zip(lengths, group, strict=True))
+        past = P - T
+        cache = self.model.new_cache(len(rows), P)
+        for keys, values in zip(cache.keys, cache.values, strict=True):
+            keys.zero_()
+            values.zero_()
+        window = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), P, dtype=torch.long)
+        for i, ((row, known), p) in enumerate(zip(group, lengths, strict=True)):
+            offset = P - p
+            mask[i, offset:] = 1
+            reused = past - offset  # positions before the window: all in the cached blocks
+            if reused > 0:
+                for layer in range(len(cache.keys)):
+                    cache.keys[layer][i, :, offset:past] = torch.cat([b.keys[layer] for b in known], 1)[:, :reused]
+                    cache.values[layer][i, :, offset:past] = torch.cat([b.values[layer] for b in known], 1)[:, :reused]
+            row.timings.cached_tokens = len(known) * block
+            first = max(0, p - T)  # the row's first token inside the window
+            window[i, T - (p - first):] = torch.tensor(row.ids[first:])
+        cache.length = past
+        hidden = self.model(window, attention_mask=mask if len(rows) > 1 else None, cache=cache)  # 1 row: no padding
+        logits = self.model.logits(hidden[:, -1])
+        end = cache.length  # P, plus a soft prompt's positions
+        for i, ((row, known), p) in enumerate(zip(group, lengths, strict=True)):
+            keys = [k[i, :, P - p:end] for k in cache.keys]
+            values = [v[i, :, P - p:end] for v in cache.values]
+            if self._prefix_reusable():
+                self.prefixes.insert(row.adapter, row.ids, keys, values, known)
+            self._place(row, keys, values, self._choose(row, logits[i:i + 1]))
+
+    def _place(self, row: _Row, keys: list[torch.Tensor], values: list[torch.Tensor], token: int) -> None:
+        """Put a prefilled row's keys/values, each (kv heads, p, hd), right-aligned at the end of
+        the batch cache, and hand it its first token."""
+        p = keys[0].shape[1]
         if self.cache is None:
             size = min(self.capacity, max(self.initial_positions, p + 1))
             self.cache = self.model.new_cache(0, size)
@@ -255,13 +413,13 @@ class Generator:
             self._shift(p - length)
             length = p
         start = length - p
-        for layer in range(len(own.keys)):
-            keys = own.keys[layer].new_zeros(1, *self.cache.keys[layer].shape[1:])
-            values = torch.zeros_like(keys)
-            keys[:, :, start:length] = own.keys[layer][:, :, :p]
-            values[:, :, start:length] = own.values[layer][:, :, :p]
-            self.cache.keys[layer] = torch.cat([self.cache.keys[layer], keys])
-            self.cache.values[layer] = torch.cat([self.cache.values[layer], values])
+        for layer in range(len(keys)):
+            placed_keys = keys[layer].new_zeros(1, *self.cache.keys[layer].shape[1:])
+            placed_values = torch.zeros_like(placed_keys)
+            placed_keys[0, :, start:length] = keys[layer]
+            placed_values[0, :, start:length] = values[layer]
+            self.cache.keys[layer] = torch.cat([self.cache.keys[layer], placed_keys])
+            self.cache.values[layer] = torch.cat([self.cache.values[layer], placed_values])
         mask = torch.zeros(1, self.mask.shape[1], dtype=torch.long)
         mask[0, start:length] = 1
         self.mask = torch.cat([self.mask, mask])
@@ -269,6 +427,12 @@ class Generator:
         self.rows.append(row)
         if not self._emit(row, token):
             self._drop([row])
+
+    def _prefix_reusable(self) -> bool:
+        """Soft prompts and learned prefixes change what a prompt's first positions hold; the
+        prefix cache is for plain models (LoRA adapters included: each has its own blocks)."""
+        return self.prefixes.max_blocks > 0 and self.model.prompt is None and all(
+            block.self_attn.prefix is None for block in self.model.layers)
 
     def _grow(self, needed: int) -> None:
         """Make room for ``needed`` positions (doubling, up to the model's limit): buffers start

@@ -21,6 +21,8 @@ class ServerMetrics:
         self.batch_size = Histogram("lmforge_batch_size", "inputs per model call", ["model"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.tokens_in = Counter("lmforge_tokens_in", "prompt/input tokens", ["model"], registry=r)
+        self.tokens_cached = Counter("lmforge_tokens_cached", "prompt tokens taken from the prefix cache",
+                                     ["model"], registry=r)
         self.tokens_out = Counter("lmforge_tokens_out", "generated tokens", ["model"], registry=r)
         self.time_to_first_token = Histogram("lmforge_time_to_first_token_seconds", "time to first token",
                                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
