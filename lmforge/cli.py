@@ -539,25 +539,17 @@ def distill(teacher: str, output: str, data: list[str], student_layers: int | No
     print(f"student -> {output}")
 
 
-def _name_value_pairs(items: list[str]) -> list[str]:
-    """``["support", "KB", "monitor=DB"]`` (``--app support KB --app monitor=DB``) as NAME=VALUE items."""
-    out, index = [], 0
-    while index < len(items):
-        if "=" in items[index] or index + 1 >= len(items):
-            out.append(items[index])
-            index += 1
-        else:
-            out.append(f"{items[index]}={items[index + 1]}")
-            index += 2
-    return out
-
-
 @command(positional=("model",))
 def serve(model: list[str] | None = None, adapters: list[str] | None = None, app: list[str] | None = None,
           generator: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_keys: str | None = None,
           max_body_bytes: int = 1_000_000, request_timeout: float = 60.0, drain_timeout: float = 30.0,
-          max_queue: int = 256, max_batch: int = 32, batch_wait_ms: float = 5.0, log_level: str = "info") -> None:
+          max_queue: int = 256, max_batch: int = 32, batch_wait_ms: float = 5.0, log_level: str = "info",
+          ray: bool = False, min_replicas: int = 1, max_replicas: int = 2, target_ongoing_requests: float = 2.0,
+          cpus_per_replica: float = 1.0, ray_address: str | None = None) -> None:
     """Serve models over HTTP: task routes, OpenAI-compatible embeddings and chat, metrics.
+
+    With --ray the same app runs as a Ray Serve deployment whose replicas scale between
+    --min-replicas and --max-replicas on ongoing requests (see docs/serving.md).
 
     Args:
         model: model folders, runs or .gguf files, each optionally NAME=PATH (repeat for several).
@@ -579,47 +571,38 @@ def serve(model: list[str] | None = None, adapters: list[str] | None = None, app
         max_batch: encoder inputs per model call.
         batch_wait_ms: how long the first request of a batch waits for others.
         log_level: uvicorn's log level (access lines are JSON on the lmforge.access logger).
+        ray: serve on Ray Serve (a local Ray instance, or the cluster at --ray-address) with autoscaling.
+        min_replicas: with --ray, the fewest replicas (each loads every model).
+        max_replicas: with --ray, the most replicas.
+        target_ongoing_requests: with --ray, requests in flight per replica that the autoscaler aims at.
+        cpus_per_replica: with --ray, CPUs reserved for each replica (its torch threads).
+        ray_address: with --ray, the cluster to join ("auto" for the one this node belongs to);
+            none starts a local Ray instance.
     """
     import logging
 
-    import uvicorn
-
-    from lmforge.serve.app import ServeSettings, create_app
+    from lmforge.serve.app import ServeSettings
     from lmforge.serve.auth import ApiKeys
+    from lmforge.serve.launch import AppSpec
 
     keys = ApiKeys.from_file(api_keys) if api_keys else None
-    if keys is None:
-        print("lmforge serve: no --api-keys file: every route is open to whoever reaches the port", file=sys.stderr)
     settings = ServeSettings(max_body_bytes=max_body_bytes, request_timeout_s=request_timeout, max_queue=max_queue,
                              max_batch=max_batch, batch_wait_ms=batch_wait_ms)
+    spec = AppSpec.from_command(model, adapters, app, generator, keys, settings)
+    if keys is None:
+        print("lmforge serve: no --api-keys file: every route is open to whoever reaches the port", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    named = {}
-    for item in adapters or []:
-        if "=" not in item:
-            raise LmforgeError(f"--adapters {item}: expected NAME=DIR")
-        name, folder = item.split("=", 1)
-        named[name] = folder
-    extensions: list[Any] = []
-    for item in _name_value_pairs(app or []):
-        name, _, folder = item.partition("=")
-        if name not in ("support", "recommend", "monitor") or not folder:
-            raise LmforgeError(f"--app {item}: expected support=KB_FOLDER, recommend=REC_FOLDER or monitor=DB")
-        if name == "monitor":
-            from lmforge.apps.monitor_http import MonitorApp
+    if ray:
+        from lmforge.serve.ray_serve import Scaling, run_on_ray
 
-            extensions.append(MonitorApp(folder))
-        elif name == "support":
-            from lmforge.apps.support_http import SupportApp
+        scaling = Scaling(min_replicas=min_replicas, max_replicas=max_replicas,
+                          target_ongoing_requests=target_ongoing_requests, cpus_per_replica=cpus_per_replica,
+                          drain_timeout_s=drain_timeout)
+        run_on_ray(spec, scaling, host, port, ray_address)
+        return
+    import uvicorn
 
-            extensions.append(SupportApp(folder, generator))
-        else:
-            from lmforge.apps.recommend_http import RecommendApp
-
-            extensions.append(RecommendApp(folder))
-    if not model and not extensions:
-        raise LmforgeError("nothing to serve: give model folders and/or --app support KB")
-    application = create_app(list(model or []), keys, settings, named, extensions)
-    uvicorn.run(application, host=host, port=port, log_level=log_level, access_log=False,
+    uvicorn.run(spec.build(), host=host, port=port, log_level=log_level, access_log=False,
                 timeout_graceful_shutdown=int(drain_timeout))
 
 
