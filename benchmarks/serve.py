@@ -7,7 +7,7 @@
 2. Chat with SmolLM2-135M-Instruct: one stream alone, then 4 concurrent streams (continuous
    batching): time to first token p50 and aggregate tokens/s.
 
-    python benchmarks/serve.py --classifier runs/compression/teacher [--seconds 20]
+    python benchmarks/serve.py --classifier runs/compression/teacher [--seconds 20] [--part classify|chat|all]
 
 Every request loop is bounded in count and time and stops by itself.
 """
@@ -180,14 +180,22 @@ def chat(tokens: int = 64) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--classifier", required=True, help="a fine-tuned MiniLM classifier run")
+    parser.add_argument("--classifier", help="a fine-tuned MiniLM classifier run (needed for --part classify|all)")
+    parser.add_argument("--part", choices=("classify", "chat", "all"), default="all")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "serving.json"))
     args = parser.parse_args()
+    if args.part != "chat" and not args.classifier:
+        parser.error("--classifier is needed for the classification part")
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    results = {"machine": {"cpu": cpu_name(), "flags": cpu_flags(), "threads": torch.get_num_threads()},
-               "classification": classification(Path(args.classifier), args.seconds), "chat": chat()}
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() and args.part != "all" else {}
+    results["machine"] = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": torch.get_num_threads()}
+    if args.part in ("classify", "all"):
+        results["classification"] = classification(Path(args.classifier), args.seconds)
+    if args.part in ("chat", "all"):
+        results["chat"] = chat()
+    out.write_text(json.dumps(results, indent=1))
     print(f"-> {args.out}")
 
 

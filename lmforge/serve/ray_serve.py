@@ -61,8 +61,11 @@ class Replica:
     """One replica: Ray Serve calls ``__serve_build_asgi_app__`` on the replica, after this
     constructor, and runs the app's lifespan (model loading) before routing to it."""
 
-    def __init__(self, spec: AppSpec) -> None:
+    def __init__(self, spec: AppSpec, threads: int = 1) -> None:
+        import torch
+
         self.spec = spec
+        torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor, not the whole node's
 
     def __serve_build_asgi_app__(self) -> Any:
         import logging
@@ -81,7 +84,7 @@ def application(spec: AppSpec, scaling: Scaling) -> Any:
         ingress, name=DEPLOYMENT, autoscaling_config=scaling.autoscaling_config(),
         max_ongoing_requests=scaling.max_ongoing_requests, graceful_shutdown_timeout_s=scaling.drain_timeout_s,
         ray_actor_options={"num_cpus": scaling.cpus_per_replica})
-    return deployment.bind(spec)
+    return deployment.bind(spec, max(1, int(scaling.cpus_per_replica)))
 
 
 def start(spec: AppSpec, scaling: Scaling, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
