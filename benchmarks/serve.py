@@ -190,7 +190,8 @@ def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() and args.part != "all" else {}
-    results["machine"] = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": torch.get_num_threads()}
+    machine = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": torch.get_num_threads()}
+    results["machine" if args.part == "all" else f"machine_{args.part}"] = machine  # parts may run on other CPUs
     if args.part in ("classify", "all"):
         results["classification"] = classification(Path(args.classifier), args.seconds)
     if args.part in ("chat", "all"):

@@ -30,6 +30,8 @@ from lmforge.models.layers import (
     activation,
     apply_rotary,
     attention_mask_for_sdpa,
+    decode_linear,
+    dense_forward,
     fuse_linears,
     fused_is_current,
     init_weights,
@@ -71,7 +73,7 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         if self.fused_qkv is not None and fused_is_current(self.fused_qkv[0], [self.q_proj, self.k_proj, self.v_proj]):
-            qkv = F.linear(x, *self.fused_qkv)  # (B, T, (nh + 2 nkv) hd)
+            qkv = decode_linear(x, *self.fused_qkv)  # (B, T, (nh + 2 nkv) hd)
             heads = qkv.view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim).transpose(1, 2)
             qk, v = heads.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
             if rotary is not None:
@@ -98,7 +100,7 @@ class SelfAttention(nn.Module):
             is_causal=mask is None and past == 0 and T > 1,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return dense_forward(self.o_proj, y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -118,8 +120,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             if self.fused_gate_up is not None and fused_is_current(self.fused_gate_up[0], [self.gate_proj, self.up_proj]):
-                gate, up = F.linear(x, *self.fused_gate_up).chunk(2, dim=-1)
-                return self.down_proj(self.act(gate) * up)
+                gate, up = decode_linear(x, *self.fused_gate_up).chunk(2, dim=-1)
+                return dense_forward(self.down_proj, self.act(gate) * up)
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
 
@@ -175,28 +177,36 @@ class Decoder(nn.Module):
         return self.lm_head.weight
 
     @torch.no_grad()
-    def use_decoding_layout(self) -> None:
+    def use_decoding_layout(self, column_major: bool | None = None) -> None:
         """Lay out the weights for one-token-at-a-time decoding (same values, shapes, keys).
 
         q/k/v and gate/up become row blocks of one matrix each, so one product serves them
         (``fuse_linears``). In fp32, wide matrices are stored column-major: a one-row
         product then streams them from memory up to 1.9x faster on AVX-512 CPUs; in bf16
-        row-major is faster (both measured, see docs/benchmarks.md). Idempotent;
+        row-major is faster (both measured, see docs/benchmarks.md). ``column_major=False``
+        keeps fp32 matrices row-major, for a continuous batch of a few rows (``decode_linear``
+        then computes them as ``weight @ x.T``; ``few_rows_layout`` measures which wins). Idempotent;
         checkpoints are unchanged (tensors are saved contiguous); a module swapped later
         (e.g. by LoRA) falls back to the plain path.
         """
-        column_major = self.embed_tokens.weight.dtype == torch.float32
+        if column_major is None:
+            column_major = self.embed_tokens.weight.dtype == torch.float32
         fused: set[int] = set()  # ids of Linear layers now viewing a fused matrix
+
+        def laid_out(current: tuple[torch.Tensor, torch.Tensor | None] | None, linears: list[nn.Module]) -> bool:
+            return current is not None and fused_is_current(current[0], linears) and \
+                (current[0].stride(0) == 1 and current[0].shape[1] > 1) == column_major
+
         for block in self.layers:
             attention, mlp = block.self_attn, block.mlp
             qkv = [attention.q_proj, attention.k_proj, attention.v_proj]
             if all(is_dense_linear(m) for m in qkv):
-                if not fused_is_current(attention.fused_qkv[0] if attention.fused_qkv else None, qkv):
+                if not laid_out(attention.fused_qkv, qkv):
                     attention.fused_qkv = fuse_linears(qkv, column_major)
                 fused.update(map(id, qkv))
             gate_up = [mlp.gate_proj, mlp.up_proj] if mlp.gated else []
             if gate_up and all(is_dense_linear(m) for m in gate_up):
-                if not fused_is_current(mlp.fused_gate_up[0] if mlp.fused_gate_up else None, gate_up):
+                if not laid_out(mlp.fused_gate_up, gate_up):
                     mlp.fused_gate_up = fuse_linears(gate_up, column_major)
                 fused.update(map(id, gate_up))
         for module in self.modules():
@@ -319,4 +329,4 @@ class Decoder(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (..., V) for hidden states (..., H)."""
-        return F.linear(hidden, self.output_weight)
+        return decode_linear(hidden, self.output_weight)

@@ -106,10 +106,16 @@ def load_served(spec: str) -> Served:
 
 
 def _generator(name: str, model: Any, tokenizer: Any) -> Served:
+    from lmforge.models.layers import few_rows_layout
     from lmforge.serve.engine import Generator
 
     model.eval()
-    model.use_decoding_layout()  # once, at load
+    # once, at load: a server decodes several rows per step, and which fp32 layout streams them
+    # fastest depends on the CPU, so a short probe decides (decode_linear, few_rows_layout)
+    column_major = None
+    if model.embed_tokens.weight.dtype == torch.float32:
+        column_major = not few_rows_layout(model.config.hidden_size, model.config.intermediate_size)
+    model.use_decoding_layout(column_major)
     return Served(name, "generate", model.config.max_position_embeddings, model, tokenizer,
                   generator=Generator(model, tokenizer))
 

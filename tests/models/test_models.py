@@ -178,8 +178,9 @@ def test_cli_generate_streams_from_checkpoint_and_hf_folder(tmp_path: Path, caps
     assert "no such file or folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("column_major", [None, False, True])
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
-def test_decoding_layout_keeps_values_and_outputs(name: str) -> None:
+def test_decoding_layout_keeps_values_and_outputs(name: str, column_major: bool | None) -> None:
     model = Decoder(preset(name, vocab_size=80, attention_bias=True)).eval()  # type: ignore[arg-type]
     ids = torch.randint(0, 80, (2, 10))
     mask = torch.ones_like(ids)
@@ -187,13 +188,15 @@ def test_decoding_layout_keeps_values_and_outputs(name: str) -> None:
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         before = model.logits(model(ids, mask))
-        model.use_decoding_layout()
-        model.use_decoding_layout()  # idempotent
+        model.use_decoding_layout(not column_major if column_major is not None else None)
+        model.use_decoding_layout(column_major)  # switches the layout, or leaves it (idempotent)
         after = model.logits(model(ids, mask))
         cache = model.new_cache(2, 10)
         stepped = torch.cat([model.logits(model(ids[:, :4], mask[:, :4], cache=cache))]
                             + [model.logits(model(ids[:, t : t + 1], mask[:, : t + 1], cache=cache)) for t in range(4, 10)], 1)
-    assert model.layers[0].self_attn.fused_qkv is not None
+    fused = model.layers[0].self_attn.fused_qkv
+    assert fused is not None
+    assert (fused[0].stride(0) == 1) == (column_major is not False)  # fp32: column-major unless told
     for key, value in model.state_dict().items():
         assert torch.equal(value, before_state[key]), key
     keep = mask.bool()
@@ -251,3 +254,46 @@ def test_dropout_keeps_the_expected_share_and_the_mean() -> None:
     assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.9))
     assert abs(float(out.mean()) - 1.0) < 0.01  # inverted dropout: the expectation is unchanged
     assert torch.equal(layer.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 9])
+@pytest.mark.parametrize("column_major", [False, True])
+def test_decode_linear_equals_linear(rows: int, column_major: bool) -> None:
+    from lmforge.models.layers import decode_linear, dense_forward
+
+    weight = torch.randn(24, 16)
+    weight = weight.t().contiguous().t() if column_major else weight
+    bias = torch.randn(24)
+    x = torch.randn(rows, 1, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(decode_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+    layer = torch.nn.Linear(16, 24)
+    seen: list[torch.Tensor] = []
+    layer.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    with torch.inference_mode():
+        dense_forward(layer, x)
+    assert len(seen) == 1  # a hooked layer keeps its own forward
+
+
+@pytest.mark.parametrize("rows_win", [True, False])
+def test_served_decoder_takes_the_layout_the_probe_picks(rows_win: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmforge.models.layers as layers
+    from lmforge.serve.models import _generator
+
+    monkeypatch.setattr(layers, "few_rows_layout", lambda hidden, intermediate: rows_win)
+    model = Decoder(preset("llama-tiny", vocab_size=80))  # type: ignore[arg-type]
+    import types
+
+    served = _generator("chat", model, types.SimpleNamespace(eos_id=None))
+    fused = served.model.layers[0].mlp.fused_gate_up
+    assert fused is not None and (fused[0].stride(0) == 1) == (not rows_win)
+
+
+def test_few_rows_layout_probe_answers_once_per_shape() -> None:
+    from lmforge.models.layers import few_rows_layout
+
+    answer = few_rows_layout(32, 64, budget_mb=4)
+    assert isinstance(answer, bool)
+    before = few_rows_layout.cache_info().hits
+    few_rows_layout(32, 64, budget_mb=4)
+    assert few_rows_layout.cache_info().hits == before + 1  # measured once per process and shape
