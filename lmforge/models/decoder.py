@@ -62,6 +62,7 @@ class SelfAttention(nn.Module):
         output_bias = bias if config.attention_output_bias is None else config.attention_output_bias
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=output_bias)
         self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see Decoder.use_decoding_layout
+        self.few_rows = False  # decode_linear's few-row path, see Decoder.use_decoding_layout
         self.prefix: Any = None  # prefix tuning: a callable giving (keys, values), each (kv heads, P, hd)
 
     def forward(
@@ -73,7 +74,7 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         if self.fused_qkv is not None and fused_is_current(self.fused_qkv[0], [self.q_proj, self.k_proj, self.v_proj]):
-            qkv = decode_linear(x, *self.fused_qkv)  # (B, T, (nh + 2 nkv) hd)
+            qkv = decode_linear(x, *self.fused_qkv, few_rows=self.few_rows)  # (B, T, (nh + 2 nkv) hd)
             heads = qkv.view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim).transpose(1, 2)
             qk, v = heads.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
             if rotary is not None:
@@ -100,7 +101,7 @@ class SelfAttention(nn.Module):
             is_causal=mask is None and past == 0 and T > 1,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, nh, T, hd)
-        return dense_forward(self.o_proj, y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return dense_forward(self.o_proj, y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim), self.few_rows)
 
 
 class MLP(nn.Module):
@@ -116,12 +117,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = activation(config.hidden_act)
         self.fused_gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.few_rows = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             if self.fused_gate_up is not None and fused_is_current(self.fused_gate_up[0], [self.gate_proj, self.up_proj]):
-                gate, up = decode_linear(x, *self.fused_gate_up).chunk(2, dim=-1)
-                return dense_forward(self.down_proj, self.act(gate) * up)
+                gate, up = decode_linear(x, *self.fused_gate_up, few_rows=self.few_rows).chunk(2, dim=-1)
+                return dense_forward(self.down_proj, self.act(gate) * up, self.few_rows)
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
 
@@ -167,6 +169,7 @@ class Decoder(nn.Module):
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.prompt: nn.Module | None = None  # prompt tuning: soft embeddings put before the tokens
+        self.few_rows = False  # decode_linear's few-row path (use_decoding_layout(column_major=False))
         init_weights(self, config.initializer_range, config.num_layers)
 
     @property
@@ -189,8 +192,11 @@ class Decoder(nn.Module):
         checkpoints are unchanged (tensors are saved contiguous); a module swapped later
         (e.g. by LoRA) falls back to the plain path.
         """
+        fp32 = self.embed_tokens.weight.dtype == torch.float32
+        few_rows = column_major is False and fp32  # asked for row-major fp32: the few-row path
         if column_major is None:
-            column_major = self.embed_tokens.weight.dtype == torch.float32
+            column_major = fp32
+        self.few_rows = few_rows
         fused: set[int] = set()  # ids of Linear layers now viewing a fused matrix
 
         def laid_out(current: tuple[torch.Tensor, torch.Tensor | None] | None, linears: list[nn.Module]) -> bool:
@@ -199,6 +205,7 @@ class Decoder(nn.Module):
 
         for block in self.layers:
             attention, mlp = block.self_attn, block.mlp
+            attention.few_rows = mlp.few_rows = few_rows
             qkv = [attention.q_proj, attention.k_proj, attention.v_proj]
             if all(is_dense_linear(m) for m in qkv):
                 if not laid_out(attention.fused_qkv, qkv):
@@ -227,6 +234,8 @@ class Decoder(nn.Module):
         for block in self.layers:
             block.self_attn.fused_qkv = None
             block.mlp.fused_gate_up = None
+            block.self_attn.few_rows = block.mlp.few_rows = False
+        self.few_rows = False
         for parameter in self.parameters():
             parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
 
@@ -329,4 +338,4 @@ class Decoder(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (..., V) for hidden states (..., H)."""
-        return decode_linear(hidden, self.output_weight)
+        return decode_linear(hidden, self.output_weight, few_rows=self.few_rows)

@@ -151,11 +151,13 @@ def is_dense_linear(module: nn.Module) -> bool:
 FEW_ROWS = (2, 8)  # row counts that go through ``weight @ x.T`` (measured, see few_rows_layout)
 
 
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; in fp32 inference, a few rows (2-8: a continuous batch's
-    decode step) against a row-major weight are computed as ``weight @ x.T``, which streams the
-    matrix once: up to 3x faster than ``x @ weight.T`` for 2-4 rows (docs/benchmarks.md)."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  few_rows: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; with ``few_rows`` (a model laid out for a continuous batch,
+    where ``few_rows_layout`` measured it faster on this CPU), a few rows (2-8: a decode step) in
+    fp32 inference against a row-major weight are computed as ``weight @ x.T``: on an AVX-512
+    CPU up to 3x faster than ``x @ weight.T`` for 2-4 rows (docs/benchmarks.md)."""
+    rows = x.numel() // x.shape[-1] if few_rows and x.shape[-1] else 0
     if (FEW_ROWS[0] <= rows <= FEW_ROWS[1] and x.dtype == torch.float32 and weight.is_contiguous()
             and not torch.is_grad_enabled()):
         y = torch.mm(weight, x.reshape(rows, -1).t()).t()
@@ -165,12 +167,12 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, weight, bias)
 
 
-def dense_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def dense_forward(module: nn.Module, x: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
     """``module(x)`` through ``decode_linear`` when the module is a dense linear layer without
     hooks (a hook, an adapter or a quantised kernel keeps its own forward)."""
-    if (is_dense_linear(module) and not module._forward_hooks and not module._forward_pre_hooks
+    if (few_rows and is_dense_linear(module) and not module._forward_hooks and not module._forward_pre_hooks
             and not torch.is_grad_enabled()):
-        return decode_linear(x, module.weight, module.bias)  # type: ignore[arg-type]
+        return decode_linear(x, module.weight, module.bias, few_rows=True)  # type: ignore[arg-type]
     return module(x)
 
 
@@ -194,7 +196,7 @@ def few_rows_layout(hidden: int, intermediate: int, budget_mb: int = 48) -> bool
             for _ in range(3):
                 start = time.perf_counter()
                 for w in weights:
-                    decode_linear(inputs[rows], w) if few else F.linear(inputs[rows], w)
+                    decode_linear(inputs[rows], w, few_rows=few)
                 best = min(best, time.perf_counter() - start)
         return best
 

@@ -197,6 +197,7 @@ def test_decoding_layout_keeps_values_and_outputs(name: str, column_major: bool 
     fused = model.layers[0].self_attn.fused_qkv
     assert fused is not None
     assert (fused[0].stride(0) == 1) == (column_major is not False)  # fp32: column-major unless told
+    assert model.few_rows == model.layers[0].self_attn.few_rows == (column_major is False)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before_state[key]), key
     keep = mask.bool()
@@ -266,12 +267,14 @@ def test_decode_linear_equals_linear(rows: int, column_major: bool) -> None:
     bias = torch.randn(24)
     x = torch.randn(rows, 1, 16)
     with torch.inference_mode():
-        torch.testing.assert_close(decode_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+        for few_rows in (False, True):
+            torch.testing.assert_close(decode_linear(x, weight, bias, few_rows=few_rows),
+                                       torch.nn.functional.linear(x, weight, bias))
     layer = torch.nn.Linear(16, 24)
     seen: list[torch.Tensor] = []
     layer.register_forward_hook(lambda module, inputs, output: seen.append(output))
     with torch.inference_mode():
-        dense_forward(layer, x)
+        dense_forward(layer, x, few_rows=True)
     assert len(seen) == 1  # a hooked layer keeps its own forward
 
 
@@ -287,6 +290,7 @@ def test_served_decoder_takes_the_layout_the_probe_picks(rows_win: bool, monkeyp
     served = _generator("chat", model, types.SimpleNamespace(eos_id=None))
     fused = served.model.layers[0].mlp.fused_gate_up
     assert fused is not None and (fused[0].stride(0) == 1) == (not rows_win)
+    assert served.model.few_rows == served.model.layers[0].mlp.few_rows == rows_win  # the few-row path only if chosen
 
 
 def test_few_rows_layout_probe_answers_once_per_shape() -> None:
