@@ -106,7 +106,7 @@ class NerTask(Task):
     name = "ner"
     main_metric = "entity_f1"
     fields = {"tokens": "tokens", "tags": "tags", "text": "text", "spans": "spans"}
-    defaults = {"scheme": "BIO", "max_length": 128, "truncate": False, "head_dropout": 0.1, "crf": False}
+    defaults = {"scheme": "BIO", "max_length": 128, "truncate": False, "head_dropout": 0.1, "crf": True}
     crf: CRF | None = None  # the head's CRF, when the task has one (option "crf")
 
     def label_fields(self) -> tuple[str, ...]:

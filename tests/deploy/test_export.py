@@ -43,6 +43,32 @@ def test_onnx_export_matches_torch_for_every_task(name: str, task_runs: dict, tm
     assert torch.allclose(found, expected, atol=1e-4)
 
 
+def test_crf_tagger_exports_its_transitions_and_decodes_the_same(task_runs: dict, tmp_path: Path) -> None:
+    import shutil
+
+    source, held_out = task_runs["ner"]  # NER trains a CRF by default
+    run = shutil.copytree(source, tmp_path / "run")  # the shared run stays as it was
+    task, _ = load_task_model(run)
+    assert task.crf is not None
+    with torch.no_grad():  # transitions far from zero, so that decoding depends on them
+        task.crf.transitions.normal_(0, 3.0, generator=torch.Generator().manual_seed(0))
+    from lmforge.fileio import load_tensors, save_tensors
+
+    head = load_tensors(run / "model" / "head.safetensors")
+    head["crf.transitions"] = task.crf.transitions.detach().clone()
+    save_tensors(head, run / "model" / "head.safetensors")
+    assert main(["export", "--model", str(run), "--format", "onnx", "--output", str(tmp_path / "onnx")]) == 0
+    assert (tmp_path / "onnx" / "crf.safetensors").is_file()
+    assert predict_file(run, [str(held_out)], tmp_path / "torch.jsonl", progress=False) > 0
+    assert predict_file(tmp_path / "onnx", [str(held_out)], tmp_path / "onnx.jsonl", progress=False) > 0
+    ours = [json.loads(line) for line in (tmp_path / "torch.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in (tmp_path / "onnx.jsonl").read_text().splitlines()]
+    assert ours == theirs
+    (tmp_path / "onnx" / "crf.safetensors").unlink()
+    with pytest.raises(Exception, match="CRF"):
+        load_task_model(tmp_path / "onnx")
+
+
 def test_onnx_folders_evaluate_like_the_torch_model(task_runs: dict, tmp_path: Path) -> None:
     run, held_out = task_runs["classify"]
     torch_metrics = evaluate_model(run, [str(held_out)], progress=False, device="cpu")

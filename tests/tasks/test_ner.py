@@ -109,3 +109,32 @@ def test_ner_learns_entities(tiny_encoder_dir: Path, tmp_path: Path) -> None:
     first = json.loads((tmp_path / "run" / "predictions-validation.jsonl").read_text().splitlines()[0])
     assert {"tokens", "tags", "predicted_tags", "entities"} <= set(first)  # gold tags kept beside the prediction
     assert len(first["predicted_tags"]) == len(first["tokens"])
+
+
+def test_token_task_defaults_and_explicit_values_winning(tiny_encoder_dir: Path) -> None:
+    from lmforge.recipes.finetune import _fitted_train_config, load_config
+
+    base = ["--task", "ner", "--model", str(tiny_encoder_dir), "--train", "x.jsonl"]
+    config = load_config(None, base)
+    section, train = config["finetune"], config["train"]
+    assert section.epochs == 5.0 and section.warmup_ratio == 0.1 and train.head_lr == 5e-3 and train.lr == 5e-5
+    spec = section.spec(512)
+    assert spec.options["max_length"] == 128 and "crf" not in spec.options  # the task's default: a CRF
+    assert make_task(spec, Tokenizer.load(tiny_encoder_dir)).options["crf"] is True
+    given = load_config(None, [*base, "--epochs", "2", "--train.head_lr", "1e-3", "--ner.crf", "false",
+                               "--train.warmup_steps", "7"])
+    assert given["finetune"].epochs == 2.0 and given["train"].head_lr == 1e-3 and given["finetune"].crf is False
+    assert load_config(None, [*base, "--ner.crf"])["finetune"].crf is True
+    assert load_config(None, [*base, "--train.steps", "40"])["finetune"].epochs is None
+    classify = load_config(None, ["--task", "classify", "--model", str(tiny_encoder_dir), "--train", "x.jsonl"])
+    assert classify["finetune"].epochs == 3.0 and classify["train"].head_lr is None
+    assert classify["finetune"].warmup_ratio is None
+
+    class Sized:  # what _fitted_train_config reads of the data: the training set's size
+        features = {"train": list(range(320))}
+        examples: dict[str, list[int]] = {}
+
+    fitted = _fitted_train_config(section, train, None, None, Sized())  # type: ignore[arg-type]
+    assert fitted.steps == 50 and fitted.warmup_steps == 5  # 5 epochs of 10 steps, 10% warm-up
+    kept = _fitted_train_config(given["finetune"], given["train"], None, None, Sized())  # type: ignore[arg-type]
+    assert kept.warmup_steps == 7
