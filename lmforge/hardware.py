@@ -176,12 +176,14 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device_type: str = "cpu", bu
     """Dense matmul FLOP/s in ``dtype`` on this machine (the MFU denominator), measured once
     per process with the linear-layer kernel: the fastest of the products run in ``budget_s``.
     The matrix grows from 256 while one product takes under 20 ms (to 4096 at most), so a
-    slow (emulated) dtype is measured at a small size instead of for minutes."""
+    slow (emulated) dtype is measured at a small size instead of for minutes. How many
+    matrices it draws depends on timing, so it draws them from its own generator."""
     device = torch.device(device_type)
+    generator = torch.Generator(device=device).manual_seed(0)  # the global RNG (dropout, masks) stays untouched
     size = 256
     while True:
-        a = torch.randn(size, size, device=device).to(dtype)
-        b = torch.randn(size, size, device=device).to(dtype)
+        a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+        b = torch.randn(size, size, device=device, generator=generator).to(dtype)
         F.linear(a, b)
         _synchronize(device)
         start = time.perf_counter()

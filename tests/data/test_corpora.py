@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lmforge.data.corpora import CORPORA, corpus, ner_from_pairs, split_of
@@ -57,3 +59,29 @@ def test_unknown_corpus_lists_known_ones() -> None:
         corpus("wikipedia")
     with pytest.raises(DataError, match="has no labeled examples"):
         next(corpus("peoples_daily").examples())
+
+
+def test_reuters_headlines_read_both_formats_once_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.data import corpora
+
+    (tmp_path / "acq").mkdir()
+    story = ("<REUTERS NEWID='1'><TEXT><TITLE>ACME &lt;ACM&gt; BUYS  WIDGETCO</TITLE>"
+             "<BODY>Acme Corp said it bought Widgetco.\n    " + "More words follow here. " * 40 + "</BODY></TEXT></REUTERS>")
+    (tmp_path / "acq" / "reut-00001.xml").write_text("<?xml version='1.0'?>" + story)
+    (tmp_path / "reuters-21578.xml").write_text(f"<?xml version='1.0'?><LEWIS>{story}<REUTERS NEWID='2'><TEXT>"
+                                                "<TITLE>NO BODY HERE</TITLE></TEXT></REUTERS></LEWIS>")
+    (tmp_path / "rcv1_1.xml").write_text("<newsitem itemid='1'><headline>Tylan weighs a sale.</headline>"
+                                         "<text><p>Tylan said so.</p><p>Shares rose.</p></text></newsitem>")
+    monkeypatch.setattr(corpora, "REUTERS_TEXTS", tmp_path)
+    examples = list(corpora.corpus("reuters_headlines").examples())
+    assert [e["title"] for e in examples] == ["ACME <ACM> BUYS WIDGETCO", "Tylan weighs a sale."]  # repeat left out
+    lead = examples[0]["text"]
+    assert lead.startswith("Acme Corp said it bought Widgetco. More words") and lead.endswith(" ...")
+    assert len(lead) <= corpora.LEAD_CHARS + 4
+    assert examples[1]["text"] == "Tylan said so. Shares rose."
+    (tmp_path / "broken.xml").write_text("<REUTERS><TEXT>")
+    with pytest.raises(DataError, match="broken.xml"):
+        list(corpora.corpus("reuters_headlines").examples())
+    monkeypatch.setattr(corpora, "REUTERS_TEXTS", tmp_path / "missing")
+    with pytest.raises(DataError, match="apt-get download r-cran-tm"):
+        list(corpora.corpus("reuters_headlines").examples())

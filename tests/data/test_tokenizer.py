@@ -97,3 +97,13 @@ def test_broken_tokenizer_files(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match=r"tokenizer\.json: cannot load"):
         Tokenizer.load(tmp_path)
+
+
+def test_wordpiece_ids_are_the_same_in_every_training_run() -> None:
+    # tokens of equal frequency used to be numbered in a hash map's (per-run) order
+    from lmforge.data.corpora import corpus
+
+    text = list(corpus("fortunes_zh").documents())[:300]
+    first, second = (train_wordpiece(text, vocab_size=1500, show_progress=False).backend.get_vocab() for _ in range(2))
+    assert first == second
+    assert [first[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]

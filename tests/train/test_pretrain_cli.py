@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.checkpoint import load_pretrained
 from lmforge.cli import main
@@ -61,3 +62,50 @@ def test_tiny_recipe_trains_and_resumes(tmp_path: Path, recipe: str) -> None:
     if recipe.startswith("bert"):
         predictions = fill_mask(model, tokenizer, "中国[MASK]民")  # type: ignore[arg-type]
         assert len(predictions) == 1 and len(predictions[0]) == 5
+
+
+def test_chinese_encoder_recipe_runs_in_timed_pieces_that_resume_exactly(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/chinese-encoder.yaml (shrunk, on its smallest corpus) stopped by --train.max_minutes
+    and resumed piece after piece ends with the weights and losses of one uninterrupted run."""
+    from lmforge.fileio import load_tensors
+    from lmforge.train import loop
+
+    shrink = ["--model.preset", "bert-tiny", "--model.overrides", "{max_position_embeddings: 64}",
+              "--data.corpus", "[fortunes_zh]", "--data.vocab_size", "1500", "--data.seq_len", "32",
+              "--train.steps", "12", "--train.batch_size", "8", "--train.warmup_steps", "3", "--train.eval_every", "4",
+              "--train.save_every", "4", "--train.eval_batches", "2", "--train.log_every", "1",
+              "--train.precision", "fp32"]
+    recipe = ["pretrain", "--config", str(ROOT / "configs" / "chinese-encoder.yaml")]
+    assert main([*recipe, "--output", str(tmp_path / "whole"), *shrink]) == 0
+
+    clock = [0.0]
+
+    def minutes_pass() -> float:  # every reading of the clock is a minute later
+        clock[0] += 60.0
+        return clock[0]
+
+    monkeypatch.setattr(loop.time, "perf_counter", minutes_pass)
+    pieces = tmp_path / "pieces"
+    flags = [*recipe, "--output", str(pieces), *shrink, "--train.max_minutes", "5"]
+    assert main(flags) == 0
+    stops = []
+    for _ in range(12):
+        steps = [json.loads(line)["step"] for line in (pieces / "metrics.jsonl").read_text().splitlines()]
+        if max(steps) >= 12:
+            break
+        stops.append(max(steps))
+        assert main([*flags, "--resume"]) == 0
+    assert 1 <= len(stops) and all(0 < s < 12 for s in stops)  # it did stop early, more than once or once
+    def train_losses(run: Path) -> dict[int, float]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+    def last_weights(run: Path) -> dict[str, torch.Tensor]:  # model/ is the best checkpoint; compare the last
+        latest = json.loads((run / "checkpoints" / "latest.json").read_text())["path"]
+        return load_tensors(run / "checkpoints" / latest / "model.safetensors")
+
+    ours, theirs = last_weights(tmp_path / "whole"), last_weights(pieces)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    assert train_losses(tmp_path / "whole") == train_losses(pieces)
