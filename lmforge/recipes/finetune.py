@@ -314,8 +314,8 @@ def read_splits(section: FinetuneSection, task: Task, seed: int = 0, positions: 
         features[split] = task.encode_all(items)
         if task.truncated:
             lengths[f"truncated_{split}"] = task.truncated
-            log.warning("%s: %d of %d examples are longer than max_length=%s and were truncated", split,
-                        task.truncated, len(items), task.options["max_length"])
+            log.warning("%s: %d of %d examples are longer than max_length=%s and were %s", split,
+                        task.truncated, len(items), task.options["max_length"], task.overflow)
     return Splits(examples, features, lengths)
 
 

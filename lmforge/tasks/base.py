@@ -59,6 +59,7 @@ class Task:
     fields: dict[str, str] = {}  # our name -> default file field
     required_for_training: tuple[str, ...] = ()  # our names that labeled data must have
     defaults: dict[str, Any] = {}  # options and their defaults
+    overflow = "truncated"  # what happens to an example longer than max_length (when the task allows it)
 
     def __init__(self, spec: TaskSpec, tokenizer: Tokenizer) -> None:
         self.spec = spec

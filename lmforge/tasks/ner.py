@@ -106,7 +106,10 @@ class NerTask(Task):
     name = "ner"
     main_metric = "entity_f1"
     fields = {"tokens": "tokens", "tags": "tags", "text": "text", "spans": "spans"}
-    defaults = {"scheme": "BIO", "max_length": 128, "truncate": False, "head_dropout": 0.1, "crf": True}
+    # a sentence longer than max_length is split into windows at word boundaries and joined
+    # back for scoring: nothing is lost, so it is on by default (--truncate false refuses them)
+    defaults = {"scheme": "BIO", "max_length": 128, "truncate": True, "head_dropout": 0.1, "crf": True}
+    overflow = "split into windows at word boundaries (joined back for scoring)"
     crf: CRF | None = None  # the head's CRF, when the task has one (option "crf")
 
     def label_fields(self) -> tuple[str, ...]:

@@ -93,7 +93,9 @@ def test_long_sentences_split_into_windows_and_join_back(tiny_encoder_dir: Path)
         tags = [task.spec.labels[feature["labels"][p]] for p in feature["_first"]]
         merged = task.merge(merged, {"offset": feature["_offset"], "tags": tags}, example)
     assert task.finish(merged, example)["tags"] == example["tags"]
-    strict = make_task(TaskSpec("ner", FIELDS, task.spec.labels, {"max_length": 12}), tokenizer)
+    default = make_task(TaskSpec("ner", FIELDS, task.spec.labels, {"max_length": 12}), tokenizer)
+    assert len(default.encode(example)) == len(features) and default.truncated == 1  # windows by default
+    strict = make_task(TaskSpec("ner", FIELDS, task.spec.labels, {"max_length": 12, "truncate": False}), tokenizer)
     with pytest.raises(DataError, match="long:1: .* tokens exceed max_length=12"):
         strict.encode(example)
 
