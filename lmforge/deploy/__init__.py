@@ -199,10 +199,7 @@ def _export_onnx(source: Source, output: Path, int8: bool) -> dict[str, Any]:
             write_json(tmp / "task.json", source.task.spec.to_dict())
             crf = getattr(source.task, "crf", None)
             if crf is not None:  # the graph gives emissions; the CRF's transitions decode them beside it
-                from lmforge.fileio import save_tensors
-
-                save_tensors({k: v.detach().float().contiguous() for k, v in crf.state_dict().items()},
-                             tmp / "crf.safetensors")
+                crf.save(tmp / "crf.safetensors")
     return {"format": "onnx", "output": str(output), **record}
 
 

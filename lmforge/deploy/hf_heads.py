@@ -79,8 +79,7 @@ def save_hf_task(task: Any, backbone: nn.Module, head: nn.Module, folder: str | 
         write_json(tmp / "lmforge_task.json", task.spec.to_dict())  # lmforge's own view, for the way back
         crf = getattr(task, "crf", None)
         if crf is not None:  # transformers reads the emissions; lmforge's CRF transitions travel beside them
-            save_tensors({k: v.detach().float().contiguous() for k, v in crf.state_dict().items()},
-                         tmp / "lmforge_crf.safetensors")
+            crf.save(tmp / "lmforge_crf.safetensors")
     return folder
 
 

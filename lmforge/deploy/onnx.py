@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError, CorruptFileError
-from lmforge.fileio import load_tensors, read_json
+from lmforge.fileio import read_json
 from lmforge.tasks.base import TaskObjective
 
 OPSET = 18
@@ -170,13 +170,8 @@ class OnnxObjective(TaskObjective):
         self.graph = session(folder / "model.onnx")
         if task.options.get("crf"):  # a CRF tagger: its transitions were exported beside the graph
             from lmforge.tasks.crf import CRF
-            from lmforge.weights import load_into
 
-            path = folder / "crf.safetensors"
-            if not path.is_file():
-                raise CorruptFileError(f"{path}: missing; this NER model decodes with a CRF (export it again)")
-            task.crf = CRF(task.spec.labels, str(task.options["scheme"]))
-            load_into(task.crf, load_tensors(path), str(path))
+            task.crf = CRF.load(task.spec.labels, str(task.options["scheme"]), folder / "crf.safetensors")
 
     def forward(self, batch: dict[str, torch.Tensor], scores_only: bool = False) -> Any:  # type: ignore[override]
         if not scores_only:

@@ -12,6 +12,7 @@ neither the likelihood nor Viterbi decoding ever gives it any mass.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,6 +56,24 @@ class CRF(nn.Module):
         self.register_buffer("transition_bias", torch.where(allowed, 0.0, NEG), persistent=False)
         self.register_buffer("start_bias", torch.where(first, 0.0, NEG), persistent=False)
         self.register_buffer("end_bias", torch.where(last, 0.0, NEG), persistent=False)
+
+    def save(self, path: Path) -> None:
+        """The learned scores alone (exports carry them beside a graph that gives emissions)."""
+        from lmforge.fileio import save_tensors
+
+        save_tensors({k: v.detach().float().contiguous() for k, v in self.state_dict().items()}, path)
+
+    @classmethod
+    def load(cls, labels: Sequence[str], scheme: str, path: Path) -> CRF:
+        from lmforge.errors import CorruptFileError
+        from lmforge.fileio import load_tensors
+        from lmforge.weights import load_into
+
+        if not path.is_file():
+            raise CorruptFileError(f"{path}: missing; this NER model decodes with a CRF (export it again)")
+        crf = cls(labels, scheme)
+        load_into(crf, load_tensors(path), str(path))
+        return crf
 
     def _scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (self.transitions + self.transition_bias, self.start + self.start_bias, self.end + self.end_bias)

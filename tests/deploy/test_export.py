@@ -88,6 +88,7 @@ def test_hf_export_opens_in_transformers_with_the_same_logits(name: str, task_ru
 
     run, held_out = task_runs[name]
     export_model(run, "hf", tmp_path / "hf")
+    assert (tmp_path / "hf" / "lmforge_crf.safetensors").is_file() == (name == "ner")  # NER's CRF travels beside
     opener = {"classify": AutoModelForSequenceClassification, "pair-score": AutoModelForSequenceClassification,
               "ner": AutoModelForTokenClassification, "qa": AutoModelForQuestionAnswering}[name]
     theirs = opener.from_pretrained(tmp_path / "hf").eval()
