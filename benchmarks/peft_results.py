@@ -27,7 +27,7 @@ from lmforge.data.corpora import package_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 # the methods' default learning rates (lmforge.peft.core.DEFAULT_LR); full fine-tuning here at 1e-4
-LR = {"none": "1e-4", "lora": "3e-3", "lora-qv": "1e-3", "adalora": "2e-3", "adapter": "1e-3", "ia3": "3e-3",
+LR = {"none": "1e-4", "lora": "2e-3", "lora-qv": "1e-3", "adalora": "2e-3", "adapter": "1e-3", "ia3": "3e-3",
       "bitfit": "1e-3", "prefix": "3e-3", "prompt": "1e-2"}
 # variants: a method with other settings, run under its own name
 VARIANTS = {"lora-qv": ["--peft", "lora", "--peft.targets", json.dumps(["attention.query", "attention.value"])]}
