@@ -16,13 +16,13 @@ Prints a table and writes docs/benchmarks/crf-<name>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import unicodedata
 from pathlib import Path
 from typing import Any
 
 import sklearn_crfsuite
+from baseline_report import report
 
 from lmforge.data.corpora import corpus
 from lmforge.eval.metrics import entity_metrics
@@ -95,15 +95,11 @@ def main() -> None:
     assert best is not None
     _, c1, c2, model = best
     metrics = entity_metrics(y["test"], model.predict(x["test"]))
-    result = {"data": name, "train_sentences": len(y["train"]), "test_sentences": len(y["test"]), "c1": c1, "c2": c2,
+    result = {"data": name, "train_sentences": len(y["train"]), "test_sentences": len(y["test"]), "c1": str(c1), "c2": str(c2),
               "iterations": args.iterations, "seconds": round(time.perf_counter() - start, 1), **metrics}
-    print("| data | train sentences | c1 | c2 | test entity P | test entity R | test entity F1 |\n"
-          "|---|---|---|---|---|---|---|")
-    print(f"| {name} | {len(y['train'])} | {c1} | {c2} | {metrics['entity_precision']:.4f} | "
-          f"{metrics['entity_recall']:.4f} | {metrics['entity_f1']:.4f} |")
-    out = Path("docs/benchmarks") / f"crf-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    report(f"crf-{name}", {"data": name, "train sentences": len(y["train"]), "c1": str(c1), "c2": str(c2),
+                           "test entity P": metrics["entity_precision"], "test entity R": metrics["entity_recall"],
+                           "test entity F1": metrics["entity_f1"]}, result)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,8 @@ on the validation split. Prints a table and writes docs/benchmarks/tfidf-<corpus
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
+from baseline_report import report
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
@@ -49,12 +48,9 @@ def main() -> None:
     _, c, model = best
     metrics = classification_metrics(gold[args.split], model.predict(vectorizer.transform(texts[args.split])), len(labels))
     result = {"corpus": args.corpus, "split": args.split, "train_examples": len(texts["train"]), "C": c, **metrics}
-    print("| corpus | split | train examples | C | accuracy | macro-F1 | MCC |\n|---|---|---|---|---|---|---|")
-    print(f"| {args.corpus} | {args.split} | {len(texts['train'])} | {c} | {metrics['accuracy']:.4f} | "
-          f"{metrics['macro_f1']:.4f} | {metrics['mcc']:.4f} |")
-    out = Path("docs/benchmarks") / f"tfidf-{args.corpus}{'-' + str(args.limit) if args.limit else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    report(f"tfidf-{args.corpus}{'-' + str(args.limit) if args.limit else ''}",
+           {"corpus": args.corpus, "split": args.split, "train examples": len(texts["train"]), "C": str(c),
+            "accuracy": metrics["accuracy"], "macro-F1": metrics["macro_f1"], "MCC": metrics["mcc"]}, result)
 
 
 if __name__ == "__main__":
