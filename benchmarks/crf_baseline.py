@@ -95,7 +95,7 @@ def main() -> None:
     assert best is not None
     _, c1, c2, model = best
     metrics = entity_metrics(y["test"], model.predict(x["test"]))
-    result = {"data": name, "train_sentences": len(y["train"]), "test_sentences": len(y["test"]), "c1": str(c1), "c2": str(c2),
+    result = {"data": name, "train_sentences": len(y["train"]), "test_sentences": len(y["test"]), "c1": c1, "c2": c2,
               "iterations": args.iterations, "seconds": round(time.perf_counter() - start, 1), **metrics}
     report(f"crf-{name}", {"data": name, "train sentences": len(y["train"]), "c1": str(c1), "c2": str(c2),
                            "test entity P": metrics["entity_precision"], "test entity R": metrics["entity_recall"],
