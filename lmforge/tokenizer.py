@@ -237,21 +237,35 @@ def train_wordpiece(
 ) -> Tokenizer:
     """Train a BERT-style WordPiece tokenizer: BERT normalisation (optional lowercasing,
     accents stripped with it), every CJK character its own word, [CLS] A [SEP] B [SEP]."""
-    backend = RustTokenizer(models.WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase, handle_chinese_chars=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.decoder = decoders.WordPiece(prefix="##")
+    def bert_backend(model: models.Model) -> RustTokenizer:
+        backend = RustTokenizer(model)
+        backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase, handle_chinese_chars=True)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.decoder = decoders.WordPiece(prefix="##")
+        return backend
+
+    backend = bert_backend(models.WordPiece(unk_token="[UNK]"))
+    documents = list(documents)
+    # The trainer gives a "##x" token its id in the order it meets x inside a word while
+    # walking a hash map, which changes from process to process; ties between equally
+    # frequent merges are broken by those ids, so the same text gave different vocabularies.
+    # Declared up front (sorted, beside the specials) they get the same ids in every run,
+    # and the merges, the vocabulary and every id after them are the same too.
+    inner: set[str] = set()
+    for document in documents:
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(document)):
+            inner.update(word[1:])
+    declared = list(BERT_SPECIAL) + ["##" + c for c in sorted(inner)]
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(BERT_SPECIAL), show_progress=show_progress)
+                                        special_tokens=declared, show_progress=show_progress)
     backend.train_from_iterator(_batches(documents), trainer)
-    # The trainer numbers tokens of equal frequency in a hash map's order, which changes from
-    # process to process; WordPiece's longest-match encoding does not read the ids, so the
-    # specials keep theirs and every other token is numbered in sorted order: the same text
-    # gives the same ids in every run (and the same masks, losses and weights after them).
+    # Specials keep their ids and every other token is numbered in sorted order; the
+    # declared "##x" tokens become ordinary vocabulary (a fresh backend: not added tokens).
     vocab = backend.get_vocab()
     specials = sorted((i, t) for t, i in vocab.items() if t in BERT_SPECIAL)
     ordered = [t for _, t in specials] + sorted(t for t in vocab if t not in BERT_SPECIAL)
-    backend.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]")
+    backend = bert_backend(models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token="[UNK]"))
+    backend.add_special_tokens(list(BERT_SPECIAL))
     cls_id, sep_id = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

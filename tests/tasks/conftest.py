@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from lmforge.checkpoint import save_model
 from lmforge.models import Decoder, Encoder, preset
@@ -124,7 +125,9 @@ def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = preset("bert-tiny", hidden_size=64, num_heads=2, intermediate_size=128, vocab_size=tokenizer.vocab_size,
                     max_position_embeddings=256)
     folder = tmp_path_factory.mktemp("models") / "encoder"
-    return save_model(Encoder(config), folder, tokenizer)
+    with torch.random.fork_rng():  # the same weights whichever test asks first
+        torch.manual_seed(0)
+        return save_model(Encoder(config), folder, tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +138,9 @@ def tiny_decoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = preset("llama-tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=256,
                     bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     folder = tmp_path_factory.mktemp("models") / "decoder"
-    return save_model(Decoder(config), folder, tokenizer)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return save_model(Decoder(config), folder, tokenizer)
 
 
 @pytest.fixture()
