@@ -124,21 +124,24 @@ def peer_run(task: str, backbone: Path, data: dict[str, list[dict[str, Any]]], s
     encoded = {split: encode(rows) for split, rows in data.items()}
     arguments = TrainingArguments(
         output_dir=str(work / f"peer-{seed}"), per_device_train_batch_size=16, per_device_eval_batch_size=64,
-        learning_rate=5e-5, num_train_epochs=EPOCHS[task], warmup_ratio=0.1, weight_decay=0.01,
+        learning_rate=5e-5, num_train_epochs=EPOCHS[task], warmup_steps=0.1, weight_decay=0.01,
         eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="score",
         save_total_limit=1, seed=seed, report_to=[], use_cpu=True, logging_strategy="no")
     trainer = Trainer(model=model, args=arguments, train_dataset=encoded["train"], eval_dataset=encoded["validation"],
                       data_collator=collator,
                       compute_metrics=lambda p: {"score": score(p.predictions, data["validation"])})
     trainer.train()
+    trainer.compute_metrics = None  # the lambda scores the validation split
     return score(trainer.predict(encoded["test"]).predictions, data["test"])
 
 
-def lmforge_run(task: str, model: Path, files: dict[str, Path], seed: int, work: Path) -> float:
+def lmforge_run(task: str, model: Path, files: dict[str, Path], seed: int, work: Path,
+                flags: list[str] | None = None) -> float:
     from lmforge.recipes.finetune import finetune
 
     results = finetune(task, model, str(files["train"]), work / f"lmforge-{seed}", validation=str(files["validation"]),
-                       test=str(files["test"]), overrides=["--train.seed", str(seed)], overwrite=True)
+                       test=str(files["test"]), overrides=["--train.seed", str(seed), *(flags or [])],
+                       overwrite=True)
     return float(results["test"][METRIC[task]])
 
 
@@ -152,6 +155,8 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=None, help="a smaller test split (smoke runs only)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", default=str(ROOT / "runs" / "peer"))
+    parser.add_argument("--lmforge-flags", default="", help="extra lmforge finetune flags, one string (ablations)")
+    parser.add_argument("--no-peer", action="store_true", help="run lmforge only (ablations of its settings)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     work = Path(args.work) / f"{args.task}-{args.corpus}"
@@ -168,14 +173,21 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             files = {split: write_jsonl(Path(folder) / f"{split}.jsonl", items) for split, items in data.items()}
             start = time.perf_counter()
-            ours = lmforge_run(args.task, Path(args.model), files, seed, work)
+            ours = lmforge_run(args.task, Path(args.model), files, seed, work, args.lmforge_flags.split())
             ours_s = time.perf_counter() - start
+        if args.no_peer:
+            rows.append({"seed": seed, "lmforge": round(ours, 4), "lmforge_s": round(ours_s)})
+            print(rows[-1], flush=True)
+            continue
         start = time.perf_counter()
         theirs = peer_run(args.task, backbone, data, seed, work)
         theirs_s = time.perf_counter() - start
         rows.append({"seed": seed, "lmforge": round(ours, 4), "trainer": round(theirs, 4),
                      "lmforge_s": round(ours_s), "trainer_s": round(theirs_s)})
         print(rows[-1], flush=True)
+    if args.no_peer:
+        print(f"lmforge {args.lmforge_flags or '(defaults)'}: {statistics.mean(r['lmforge'] for r in rows):.4f}")
+        return
     ours_all, theirs_all = [r["lmforge"] for r in rows], [r["trainer"] for r in rows]
     differences = [a - b for a, b in zip(ours_all, theirs_all, strict=True)]
     spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
