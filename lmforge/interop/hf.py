@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,37 @@ def _bert_hf_config(config: EncoderConfig) -> dict[str, Any]:
         "initializer_range": config.initializer_range, "position_embedding_type": "absolute",
         "tie_word_embeddings": True,
     }
+
+
+def _roformer_config(hf: dict[str, Any], source: str) -> EncoderConfig:
+    problems = []
+    if hf.get("embedding_size") not in (None, hf["hidden_size"]):
+        problems.append(f"embedding_size={hf['embedding_size']} differs from hidden_size={hf['hidden_size']}")
+    if hf.get("rotary_value"):
+        problems.append("rotary_value=true (values rotated too)")
+    if problems:
+        raise UnknownArchitectureError(f"{source}: {'; '.join(problems)}: not supported")
+    return replace(_bert_config({**hf, "position_embedding_type": "absolute"}, source), position="rope")
+
+
+def _roformer_hf_config(config: EncoderConfig) -> dict[str, Any]:
+    values = {k: v for k, v in _bert_hf_config(config).items() if k != "position_embedding_type"}
+    return {**values, "model_type": "roformer", "embedding_size": config.hidden_size, "rotary_value": False}
+
+
+def rotary_pairs(state: Tensors, config: EncoderConfig, to: str) -> Tensors:
+    """Query and key rows between our rotary convention (dimension i of a head pairs with
+    i + hd/2) and RoFormer's (2i pairs with 2i + 1); attention scores are the same."""
+    hd = config.head_dim
+    half = torch.arange(hd // 2)
+    interleave = torch.stack([half, half + hd // 2], dim=1).reshape(-1)  # theirs[j] = ours[interleave[j]]
+    order = interleave if to == "theirs" else torch.argsort(interleave)
+    out = dict(state)
+    for key, tensor in state.items():
+        if re.search(r"(^|\.)attention\.(query|key)\.(weight|bias)$", key):
+            rows = (torch.arange(tensor.shape[0] // hd)[:, None] * hd + order[None]).reshape(-1)
+            out[key] = tensor.index_select(0, rows)
+    return out
 
 
 def _bert_load(key: str, tensor: torch.Tensor) -> Tensors | None:
@@ -315,13 +346,26 @@ QWEN2 = Family(
     architecture=lambda model: "Qwen2ForCausalLM", ignored=(r"rotary_emb\.inv_freq$",),
 )
 
-FAMILIES = {family.name: family for family in (BERT, GPT2, LLAMA, QWEN2)}
+ROFORMER = Family(
+    name="roformer",
+    modules=KeyMap({k: v for k, v in BERT.modules.table.items() if "position_embeddings" not in k}),
+    extra_modules=BERT.extra_modules,
+    base_prefix="roformer.",
+    config_in=_roformer_config,
+    config_out=_roformer_hf_config,
+    architecture=lambda model: "RoFormerForMaskedLM" if isinstance(model, MaskedLM) else "RoFormerModel",
+    ignored=(*BERT.ignored, r"encoder\.embed_positions\.weight$"),  # fixed sinusoids, rebuilt from the config
+    load_transform=_bert_load,
+    save_transform=lambda state, config: ({}, rotary_pairs(state, config, to="theirs")),
+)
+
+FAMILIES = {family.name: family for family in (BERT, ROFORMER, GPT2, LLAMA, QWEN2)}
 
 
 def family_of(model: nn.Module) -> Family:
     """The record that exports ``model``; an architecture no family holds is an error."""
     if isinstance(model, (Encoder, MaskedLM)):
-        return BERT
+        return ROFORMER if model.config.position == "rope" else BERT
     if isinstance(model, Decoder):
         config = model.config
         if config.position == "learned":
@@ -370,7 +414,7 @@ def read_hf_weights(folder: Path) -> Tensors:
 def load_hf(folder: str | Path, with_mlm_head: bool | None = None) -> tuple[nn.Module, LoadReport]:
     """Load a local Hugging Face folder into an lmforge model.
 
-    BERT folders give an ``Encoder``, or a ``MaskedLM`` when the file has an MLM head or
+    BERT and RoFormer folders give an ``Encoder``, or a ``MaskedLM`` when the file has an MLM head or
     ``with_mlm_head=True`` (a missing head is then initialised and reported). GPT-2, Llama
     and Qwen2 folders give a ``Decoder``.
     """
@@ -384,6 +428,8 @@ def load_hf(folder: str | Path, with_mlm_head: bool | None = None) -> tuple[nn.M
     tensors = read_hf_weights(folder)
     report = LoadReport()
     state = family.to_ours(tensors, str(folder), report)
+    if family is ROFORMER:
+        state = rotary_pairs(state, config, to="ours")  # type: ignore[arg-type]
     if isinstance(config, EncoderConfig):
         model = _bert_model(folder, config, tensors, state, with_mlm_head, report)
     else:

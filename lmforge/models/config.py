@@ -58,7 +58,10 @@ class _ConfigMixin:
 
 @dataclass
 class EncoderConfig(_ConfigMixin):
-    """BERT-family encoder: post-LN blocks, learned absolute positions, token types."""
+    """BERT-family encoder: post-LN blocks, token types, and positions either learned
+    absolute (BERT, position="learned") or rotary on queries and keys (RoFormer,
+    position="rope": no position table; relative offsets are built in, which a small
+    model trained from scratch learns to use far sooner than a learned table)."""
 
     vocab_size: int = 30522
     hidden_size: int = 256
@@ -74,6 +77,8 @@ class EncoderConfig(_ConfigMixin):
     pad_token_id: int = 0
     add_pooler: bool = True
     initializer_range: float = 0.02
+    position: str = "learned"
+    rope_theta: float = 10000.0
     family: Literal["encoder"] = "encoder"
     # after structured pruning: attention heads and FFN sizes per layer (None: the same everywhere)
     heads_per_layer: list[int] | None = None
@@ -89,6 +94,9 @@ class EncoderConfig(_ConfigMixin):
         )
         _check_probability(self, ("hidden_dropout", "attention_dropout"), problems)
         _check_choice(self, "hidden_act", ACTIVATIONS, problems)
+        _check_choice(self, "position", ("learned", "rope"), problems)
+        if not problems and self.position == "rope" and (self.hidden_size // self.num_heads) % 2:
+            problems.append(f"head size {self.hidden_size // self.num_heads}: rotary positions need an even size")
         if not problems and self.hidden_size % self.num_heads:
             problems.append(
                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"

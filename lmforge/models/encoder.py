@@ -1,7 +1,8 @@
-"""BERT-family encoder (BERT, MiniLM): post-LN blocks, absolute positions, token types.
+"""BERT-family encoder (BERT, MiniLM, RoFormer): post-LN blocks, token types, and learned
+absolute positions (BERT) or rotary positions on queries and keys (RoFormer).
 
     tokens (B, T), token types (B, T)
-      -> embeddings: word + position + token_type -> norm -> dropout
+      -> embeddings: word (+ position, when learned) + token_type -> norm -> dropout
       -> num_layers x EncoderBlock:
              x = attention_norm(x + attention(x))            # bidirectional, padding-masked
              x = output_norm(x + output(act(intermediate(x))))
@@ -20,7 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.config import EncoderConfig
-from lmforge.models.layers import Dropout, activation, attention_mask_for_sdpa, init_weights, with_prefix
+from lmforge.models.layers import (
+    Dropout,
+    RotaryEmbedding,
+    activation,
+    apply_rotary,
+    attention_mask_for_sdpa,
+    init_weights,
+    with_prefix,
+)
 
 
 class Packing:
@@ -42,7 +51,9 @@ class Embeddings(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # rotary encoders have no position table: attention rotates queries and keys instead
+        self.position_embeddings = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
+                                    if config.position == "learned" else None)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout)
@@ -53,10 +64,11 @@ class Embeddings(nn.Module):
         token_type_ids: torch.Tensor | None,
         position_ids: torch.Tensor | None,
     ) -> torch.Tensor:
-        T = input_ids.shape[1]
-        if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device)[None]  # (1, T)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        x = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
+            x = x + self.position_embeddings(position_ids)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
         else:
@@ -78,8 +90,10 @@ class Attention(nn.Module):
         self.prefix: Any = None  # prefix tuning: a callable giving (keys, values), each (heads, P, hd)
         self.head_mask: torch.Tensor | None = None  # (nh,) multiplies each head's output (importance probes)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
-        """x is (B, T, H), or (N, H) real-token rows when ``packing`` is given."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x is (B, T, H), or (N, H) real-token rows when ``packing`` is given; ``rotary``
+        (cos, sin), each (B or 1, 1, T, hd), rotates queries and keys (position="rope")."""
         q, k, v = self.query(x), self.key(x), self.value(x)
         if packing is not None:  # attention needs the padded grid; projections did not
             q, k, v = packing.pad(q), packing.pad(k), packing.pad(v)
@@ -87,7 +101,9 @@ class Attention(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        if self.prefix is not None:
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if self.prefix is not None:  # prefix keys carry no position
             k, v, mask = with_prefix(k, v, mask, self.prefix(), causal_from_scratch=False)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
@@ -110,8 +126,9 @@ class EncoderBlock(nn.Module):
         self.dropout = Dropout(config.hidden_dropout)
         self.ffn_mask: torch.Tensor | None = None  # (intermediate,) multiplies each FFN neuron (importance probes)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
-        x = self.attention_norm(x + self.dropout(self.attention(x, mask, packing)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, packing: Packing | None = None,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = self.attention_norm(x + self.dropout(self.attention(x, mask, packing, rotary)))
         inner = self.act(self.intermediate(x))
         if self.ffn_mask is not None:
             inner = inner * self.ffn_mask
@@ -126,6 +143,8 @@ class Encoder(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(EncoderBlock(config, i) for i in range(config.num_layers))
+        self.rotary = (RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+                       if config.position == "rope" else None)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if config.add_pooler else None
         self.prompt: nn.Module | None = None  # prompt tuning: soft embeddings put before the tokens
         init_weights(self, config.initializer_range)
@@ -173,11 +192,20 @@ class Encoder(nn.Module):
         if attention_mask is not None and not exporting and bool(attention_mask.all()):
             attention_mask = None
         mask = attention_mask_for_sdpa(attention_mask, x.shape[1], 0, causal=False)
+        rotary = None
+        if self.rotary is not None:  # soft-prompt rows take the first positions, tokens follow
+            bound = None  # the largest position, known from the shape when positions are 0..T-1
+            if position_ids is None:
+                position_ids, bound = torch.arange(x.shape[1], device=x.device)[None], x.shape[1] - 1
+            elif prompt:
+                position_ids = torch.cat([torch.arange(prompt, device=x.device)[None].expand(position_ids.shape[0], -1),
+                                          position_ids + prompt], dim=1)
+            rotary = self.rotary(position_ids, bound)
         packing = Packing(attention_mask) if attention_mask is not None and not exporting else None
         if packing is not None:
             x = packing.unpad(x)  # (N, H), N = real tokens
         for block in self.layers:
-            x = block(x, mask, packing)
+            x = block(x, mask, packing, rotary)
         x = packing.pad(x) if packing is not None else x
         return x[:, prompt:] if prompt else x
 

@@ -155,3 +155,35 @@ def test_bare_encoder_and_decoder_export_to_onnx(tiny_encoder_dir: Path, tiny_de
             hidden = model(ids, mask)
             expected = model.logits(hidden) if model.causal else hidden
         assert torch.allclose(found[mask.bool()], expected[mask.bool()], atol=1e-4)
+
+
+def test_rotary_encoder_exports_to_onnx_and_roformer(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    """An encoder with rotary positions exports to ONNX (same hidden states on padded rows)
+    and to a RoFormer folder that transformers opens."""
+    import transformers
+
+    from lmforge.checkpoint import save_model
+    from lmforge.deploy.onnx import run_session, session
+    from lmforge.models import Encoder, preset
+
+    _, tokenizer = load_pretrained(tiny_encoder_dir)
+    torch.manual_seed(0)
+    model = Encoder(preset("bert-tiny", hidden_size=64, num_heads=2, intermediate_size=128,
+                           vocab_size=tokenizer.vocab_size, position="rope", initializer_range=0.2)).eval()
+    folder = save_model(model, tmp_path / "rope", tokenizer)
+    summary = export_model(folder, "onnx", tmp_path / "onnx")
+    assert summary["parity_max_abs"] <= 1e-4
+    ids = torch.tensor([tokenizer.encode("the film was good and long"), tokenizer.encode("bad")
+                        + [0] * (len(tokenizer.encode("the film was good and long")) - len(tokenizer.encode("bad")))])
+    mask = (ids != 0).long()
+    found = run_session(session(tmp_path / "onnx" / "model.onnx"), summary["inputs"],
+                        {"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        expected = model(ids, mask)
+    assert torch.allclose(found[mask.bool()], expected[mask.bool()], atol=1e-4)
+    export_model(folder, "hf", tmp_path / "hf")
+    theirs = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
+    assert type(theirs).__name__ == "RoFormerModel"
+    with torch.no_grad():
+        hidden = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(hidden[mask.bool()], expected[mask.bool()], atol=1e-4)

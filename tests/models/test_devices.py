@@ -43,9 +43,10 @@ def _check(tensor: torch.Tensor) -> None:
     assert tensor.device.type == "cpu" and torch.isfinite(tensor.float()).all()
 
 
-def test_encoder_objective_and_heads_stay_on_the_input_device() -> None:
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_encoder_objective_and_heads_stay_on_the_input_device(position: str) -> None:
     torch.manual_seed(0)
-    model = MaskedLM(preset("bert-tiny", vocab_size=97, add_pooler=True))  # type: ignore[arg-type]
+    model = MaskedLM(preset("bert-tiny", vocab_size=97, add_pooler=True, position=position))  # type: ignore[arg-type]
     objective = MaskedLMObjective(model, 3, [0, 1, 2, 3], MaskingConfig(rate=0.3), "sop")
     ids, mask = _inputs()
     ids[:, 0] = 2

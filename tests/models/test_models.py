@@ -36,13 +36,41 @@ def test_smollm2_preset_has_135m_parameters() -> None:
     assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
 
 
-def test_encoder_padding_does_not_change_real_positions() -> None:
-    model = Encoder(preset("bert-tiny", vocab_size=50, hidden_dropout=0.0, attention_dropout=0.0)).eval()  # type: ignore[arg-type]
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_encoder_padding_does_not_change_real_positions(position: str) -> None:
+    model = Encoder(preset("bert-tiny", vocab_size=50, hidden_dropout=0.0, attention_dropout=0.0,  # type: ignore[arg-type]
+                           position=position)).eval()
     ids = torch.randint(1, 50, (1, 6))
     padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
     mask = torch.tensor([[1] * 6 + [0] * 3])
     with torch.no_grad():
         torch.testing.assert_close(model(ids), model(padded, mask)[:, :6], atol=1e-5, rtol=0)
+
+
+def test_rotary_encoder_sees_order_and_only_relative_offsets() -> None:
+    """position="rope": no position table; reordering tokens changes the output, and a
+    model whose positions all shift by the same amount gives the same output."""
+    torch.manual_seed(0)
+    model = Encoder(preset("bert-tiny", vocab_size=50, hidden_dropout=0.0, attention_dropout=0.0,  # type: ignore[arg-type]
+                           position="rope", initializer_range=0.2)).eval()  # sharp attention: order shows
+    assert model.embeddings.position_embeddings is None
+    assert not any("position" in k for k in model.state_dict())
+    ids = torch.randint(5, 50, (1, 7))
+    with torch.no_grad():
+        plain = model(ids)
+        shifted = model(ids, position_ids=torch.arange(7)[None] + 11)
+        swapped = model(ids[:, [1, 0, *range(2, 7)]])
+    torch.testing.assert_close(plain, shifted, atol=1e-5, rtol=0)
+    assert not torch.allclose(plain[:, 2:], swapped[:, 2:], atol=1e-3)
+
+
+def test_rotary_encoder_needs_an_even_head_size() -> None:
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="even"):
+        preset("bert-tiny", hidden_size=6, num_heads=2, position="rope")
+    with pytest.raises(ConfigError, match="position"):
+        preset("bert-tiny", position="alibi")
 
 
 def test_left_padded_decoder_matches_unpadded() -> None:
@@ -66,14 +94,14 @@ def _tiny_tokenizer() -> Tokenizer:
                                    "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-@pytest.mark.parametrize("kind", ["encoder", "mlm", "llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["encoder", "mlm", "mlm-rope", "llama", "gpt2"])
 def test_checkpoint_round_trip(tmp_path: Path, kind: str) -> None:
     tokenizer = _tiny_tokenizer()
     vocab = tokenizer.vocab_size
     if kind == "encoder":
         model = Encoder(preset("bert-tiny", vocab_size=vocab))  # type: ignore[arg-type]
-    elif kind == "mlm":
-        model = MaskedLM(preset("bert-tiny", vocab_size=vocab))  # type: ignore[arg-type]
+    elif kind.startswith("mlm"):
+        model = MaskedLM(preset("bert-tiny", vocab_size=vocab, position="rope" if kind == "mlm-rope" else "learned"))  # type: ignore[arg-type]
     else:
         model = Decoder(preset(f"{kind}-tiny", vocab_size=vocab, tie_embeddings=kind == "gpt2"))  # type: ignore[arg-type]
     save_model(model, tmp_path / "ckpt", tokenizer)

@@ -70,6 +70,39 @@ def test_bert_masked_lm_parity(tmp_path: Path) -> None:
     _close_on_real(ours, theirs, mask)
 
 
+def _tiny_roformer_config() -> transformers.RoFormerConfig:
+    return transformers.RoFormerConfig(
+        vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=64, type_vocab_size=2,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+
+
+@pytest.mark.parametrize("cls", [transformers.RoFormerModel, transformers.RoFormerForMaskedLM])
+def test_roformer_parity(tmp_path: Path, cls: type) -> None:
+    """A rotary encoder (position="rope") is RoFormer: same hidden states and MLM logits."""
+    reference, folder = _hf(cls, _tiny_roformer_config(), tmp_path, "roformer")
+    with torch.no_grad():  # random values everywhere, so a mispaired rotation cannot hide
+        for name, p in reference.named_parameters():
+            if "embed_positions" not in name:  # the fixed sinusoid table stays what the config says
+                p.add_(torch.randn_like(p) * 0.05)
+    reference.save_pretrained(folder)
+    model, _ = load_hf(folder)
+    assert model.config.position == "rope"
+    assert isinstance(model, MaskedLM if cls is transformers.RoFormerForMaskedLM else Encoder)
+    model.eval()
+    ids, mask = _batch(99)
+    types = torch.zeros_like(ids)
+    types[:, 4:] = 1
+    with torch.no_grad():
+        theirs = reference(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        hidden = model(ids, mask, types)
+    if isinstance(model, MaskedLM):
+        _close_on_real(model.logits(hidden), theirs.logits, mask)
+    else:
+        _close_on_real(hidden, theirs.last_hidden_state, mask)
+
+
 def _gpt2_config() -> transformers.GPT2Config:
     return transformers.GPT2Config(
         vocab_size=101, n_embd=64, n_layer=2, n_head=4, n_positions=64,
@@ -143,12 +176,16 @@ def test_kv_cache_decoding_equals_full_recompute(tmp_path: Path, name: str) -> N
     _close_on_real(incremental, full, mask)
 
 
-@pytest.mark.parametrize("name", ["bert", "bert-mlm", *DECODERS])
+@pytest.mark.parametrize("name", ["bert", "bert-mlm", "roformer", "roformer-mlm", *DECODERS])
 def test_round_trip_ours_to_hf_to_transformers(tmp_path: Path, name: str) -> None:
-    if name.startswith("bert"):
+    if name.startswith(("bert", "roformer")):
         config = preset("bert-tiny", vocab_size=99, hidden_size=64, intermediate_size=48,
-                        max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
-        ours = MaskedLM(config) if name == "bert-mlm" else Encoder(config)
+                        max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0,
+                        position="rope" if name.startswith("roformer") else "learned")
+        ours = MaskedLM(config) if name.endswith("-mlm") else Encoder(config)
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
     else:
         cls, make_config = DECODERS[name]
         _, folder = _hf(cls, make_config(), tmp_path, "src")
@@ -158,9 +195,9 @@ def test_round_trip_ours_to_hf_to_transformers(tmp_path: Path, name: str) -> Non
                 p.add_(torch.randn_like(p) * 0.01)
     ours.eval()
     out = save_hf(ours, tmp_path / "exported")
-    if name == "bert":
+    if name in ("bert", "roformer"):
         theirs_model = transformers.AutoModel.from_pretrained(out)
-    elif name == "bert-mlm":
+    elif name.endswith("-mlm"):
         theirs_model = transformers.AutoModelForMaskedLM.from_pretrained(out)
     else:
         theirs_model = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -169,7 +206,7 @@ def test_round_trip_ours_to_hf_to_transformers(tmp_path: Path, name: str) -> Non
     with torch.no_grad():
         theirs = theirs_model(input_ids=ids, attention_mask=mask)
         hidden = ours(ids, mask)
-        if name == "bert":
+        if name in ("bert", "roformer"):
             _close_on_real(hidden, theirs.last_hidden_state, mask)
         else:
             _close_on_real(ours.logits(hidden), theirs.logits, mask)
