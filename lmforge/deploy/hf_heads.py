@@ -5,6 +5,10 @@
     ner                         -> BertForTokenClassification     (bert.* + classifier)
     qa                          -> BertForQuestionAnswering       (bert.* + qa_outputs; start, end)
 
+On a rotary encoder (position="rope") ner and qa become RoFormerForTokenClassification and
+RoFormerForQuestionAnswering (roformer.*); RoFormer's sequence-classification head is not
+BERT's pooler, so classify and pair-score models on it go to ONNX instead.
+
 What transformers has no class for (relation extraction with entity markers, [CLS] or
 mean pooling, decoder task heads) is refused with the reason, before anything is written.
 """
@@ -19,7 +23,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.fileio import atomic_directory, save_tensors, write_json
-from lmforge.interop.hf import BERT, hf_config
+from lmforge.interop.hf import family_of, hf_config
 from lmforge.models import Encoder
 
 PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
@@ -33,7 +37,12 @@ def hf_head_layout(task: Any, backbone: nn.Module) -> tuple[str, str, bool]:
     if not isinstance(backbone, Encoder):
         raise ConfigError([f"Hugging Face export of a {name} head holds BERT-family encoders only; this task "
                            f"model is on a {type(backbone).__name__} (export the backbone alone, or use ONNX)"])
+    kind = "RoFormer" if backbone.config.position == "rope" else "Bert"
     if name in ("classify", "pair-score"):
+        if kind == "RoFormer":
+            raise ConfigError([f"transformers' RoFormerForSequenceClassification has its own head (dense + "
+                               f"{backbone.config.hidden_act} on [CLS]), not BERT's pooler: export this {name} "
+                               "model to ONNX, or its backbone alone to Hugging Face"])
         pooling = str(task.options.get("pooling", "auto"))
         uses_pooler = pooling == "pooler" or (pooling == "auto" and backbone.pooler is not None)
         if not uses_pooler:
@@ -42,9 +51,9 @@ def hf_head_layout(task: Any, backbone: nn.Module) -> tuple[str, str, bool]:
                                "pooler) to export to Hugging Face, or export to ONNX"])
         return "BertForSequenceClassification", "classifier", True
     if name == "ner":
-        return "BertForTokenClassification", "classifier", False
+        return f"{kind}ForTokenClassification", "classifier", False
     if name == "qa":
-        return "BertForQuestionAnswering", "qa_outputs", False
+        return f"{kind}ForQuestionAnswering", "qa_outputs", False
     raise ConfigError([f"transformers has no model class for lmforge's {name} head"
                        " (entity-marker pairs); export it to ONNX instead"])
 
@@ -55,7 +64,7 @@ def save_hf_task(task: Any, backbone: nn.Module, head: nn.Module, folder: str | 
     state = {k: v.detach() for k, v in backbone.state_dict().items()}
     if not keep_pooler:
         state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
-    tensors = BERT.to_theirs(state, backbone.config)
+    tensors = family_of(backbone).to_theirs(state, backbone.config)
     tensors[f"{prefix}.weight"] = head.out.weight.detach().clone()  # type: ignore[union-attr]
     tensors[f"{prefix}.bias"] = head.out.bias.detach().clone()  # type: ignore[union-attr]
     config = {**hf_config(backbone), "architectures": [architecture]}

@@ -187,3 +187,25 @@ def test_rotary_encoder_exports_to_onnx_and_roformer(tiny_encoder_dir: Path, tmp
     with torch.no_grad():
         hidden = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.allclose(hidden[mask.bool()], expected[mask.bool()], atol=1e-4)
+    # a tagger on it is a RoFormerForTokenClassification with the same logits; a classifier is refused
+    from transformers import AutoModelForTokenClassification
+
+    from tests.tasks.conftest import ner, sentiment, write_jsonl
+    from tests.tasks.helpers import finetune
+
+    for task, make in (("ner", ner), ("classify", sentiment)):
+        data = write_jsonl(tmp_path / f"{task}.jsonl", make(40, 1))
+        finetune(folder, tmp_path / task, "--task", task, "--train", str(data), "--train.steps", "3")
+    held_out = write_jsonl(tmp_path / "ner-test.jsonl", ner(20, 2))
+    export_model(tmp_path / "ner", "hf", tmp_path / "ner-hf")
+    tagger = AutoModelForTokenClassification.from_pretrained(tmp_path / "ner-hf").eval()
+    assert type(tagger).__name__ == "RoFormerForTokenClassification"
+    task, objective, batch = _batch(tmp_path / "ner", held_out)
+    with torch.no_grad():
+        expected = objective(batch, scores_only=True)
+        found = hf_logits(tagger(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), "ner")
+    keep = batch["attention_mask"].bool()
+    assert torch.allclose(found[keep], expected[keep], atol=1e-4)
+    with pytest.raises(ConfigError, match="RoFormerForSequenceClassification"):
+        export_model(tmp_path / "classify", "hf", tmp_path / "classify-hf")
+    assert not (tmp_path / "classify-hf").exists()
