@@ -48,7 +48,8 @@ def ngram_baselines(run: Path) -> dict[str, float]:
     first = np.unique(previous[order], return_index=True)[1]
     successor = np.full(vocab, top)
     successor[previous[order][first]] = following[order][first]
-    return {"unigram": float((valid == top).mean()), "bigram (previous token)": float((successor[valid[:-1]] == valid[1:]).mean())}
+    return {"unigram": float((valid == top).mean()),
+            "bigram (previous token)": float((successor[valid[:-1]] == valid[1:]).mean())}
 
 
 @torch.inference_mode()
