@@ -62,7 +62,7 @@ def test_unknown_architecture(llama_folder: Path) -> None:
     config["model_type"] = "mamba"
     (llama_folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnknownArchitectureError,
-                       match=r"model_type='mamba' is not supported \(supported: bert, gpt2, llama, qwen2\)"):
+                       match=r"model_type='mamba' is not supported \(supported: bert, roformer, gpt2, llama, qwen2\)"):
         load_hf(llama_folder)
 
 
