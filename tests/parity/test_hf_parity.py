@@ -43,17 +43,21 @@ def _close_on_real(ours: torch.Tensor, theirs: torch.Tensor, mask: torch.Tensor)
     torch.testing.assert_close(ours[keep], theirs[keep], atol=ATOL, rtol=0)
 
 
-def test_bert_model_parity(tmp_path: Path) -> None:
-    reference, folder = _hf(transformers.BertModel, _tiny_bert_config(), tmp_path, "bert")
-    model, _ = load_hf(folder)
-    assert isinstance(model, Encoder)
+def _run_with_token_types(reference, model):  # type: ignore[no-untyped-def]
+    """(their output, our hidden states, mask) on a padded batch whose rows use both token types."""
     model.eval()
     ids, mask = _batch(99)
     types = torch.zeros_like(ids)
     types[:, 4:] = 1
     with torch.no_grad():
-        theirs = reference(input_ids=ids, attention_mask=mask, token_type_ids=types)
-        hidden = model(ids, mask, types)
+        return reference(input_ids=ids, attention_mask=mask, token_type_ids=types), model(ids, mask, types), mask
+
+
+def test_bert_model_parity(tmp_path: Path) -> None:
+    reference, folder = _hf(transformers.BertModel, _tiny_bert_config(), tmp_path, "bert")
+    model, _ = load_hf(folder)
+    assert isinstance(model, Encoder)
+    theirs, hidden, mask = _run_with_token_types(reference, model)
     _close_on_real(hidden, theirs.last_hidden_state, mask)
     torch.testing.assert_close(model.pool(hidden), theirs.pooler_output, atol=ATOL, rtol=0)
 
@@ -90,15 +94,10 @@ def test_roformer_parity(tmp_path: Path, cls: type) -> None:
     model, _ = load_hf(folder)
     assert model.config.position == "rope"
     assert isinstance(model, MaskedLM if cls is transformers.RoFormerForMaskedLM else Encoder)
-    model.eval()
-    ids, mask = _batch(99)
-    types = torch.zeros_like(ids)
-    types[:, 4:] = 1
-    with torch.no_grad():
-        theirs = reference(input_ids=ids, attention_mask=mask, token_type_ids=types)
-        hidden = model(ids, mask, types)
+    theirs, hidden, mask = _run_with_token_types(reference, model)
     if isinstance(model, MaskedLM):
-        _close_on_real(model.logits(hidden), theirs.logits, mask)
+        with torch.no_grad():
+            _close_on_real(model.logits(hidden), theirs.logits, mask)
     else:
         _close_on_real(hidden, theirs.last_hidden_state, mask)
 
