@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def bf16_steps() -> list[str]:
                 out = objective(batch)
             loss = sum(out.loss_sums.values())
             loss.backward()  # type: ignore[union-attr]
-            losses[str(dtype)] = float(loss) / max(int((batch.get("labels", batch.get("targets")) != -100).sum()), 1)
+            losses[str(dtype)] = float(loss.detach()) / max(int((batch.get("labels", batch.get("targets")) != -100).sum()), 1)
         fp32, bf16 = losses["None"], losses["torch.bfloat16"]
         ok = abs(fp32 - bf16) / fp32 < 0.02
         lines.append(f"| bf16 + SDPA {kind} step | loss fp32 / bf16 | {fp32:.4f} / {bf16:.4f} | {'ok' if ok else 'FAIL'} |")
@@ -110,12 +111,14 @@ def trainer_on_gpu(folder: Path) -> list[str]:
     shards = TokenShards(folder / "shards")
     special = [tokenizer.token_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")]
 
-    def trainer(device: str, run: Path, steps: int) -> Trainer:
+    def trainer(device: str, run: Path, steps: int, precision: str = "fp32") -> Trainer:
         torch.manual_seed(0)
-        objective = MaskedLMObjective(MaskedLM(preset("bert-tiny", vocab_size=tokenizer.vocab_size)),  # type: ignore[arg-type]
-                                      tokenizer.token_id("[MASK]"), special)  # type: ignore[arg-type]
+        # no dropout: its masks come from the CUDA generator on the GPU and the CPU one on the CPU
+        model = MaskedLM(preset("bert-tiny", vocab_size=tokenizer.vocab_size, hidden_dropout=0.0, attention_dropout=0.0))  # type: ignore[arg-type]
+        objective = MaskedLMObjective(model, tokenizer.token_id("[MASK]"), special)  # type: ignore[arg-type]
         loader = PackedLoader(shards, 64, 16, seed=1, cls_id=tokenizer.token_id("[CLS]"), sep_id=tokenizer.token_id("[SEP]"))
-        config = TrainConfig(steps=steps, batch_size=16, lr=1e-3, log_every=1, device=device, precision="fp32")
+        config = TrainConfig(steps=steps, batch_size=16, lr=1e-3, log_every=1, device=device,
+                             precision=precision)  # type: ignore[arg-type]
         return Trainer(objective, loader, config, run, tokenizer=tokenizer, progress=False)
 
     gpu = trainer("auto" if DEVICE.type == "cuda" else "cpu", folder / "run", 6)
@@ -127,9 +130,21 @@ def trainer_on_gpu(folder: Path) -> list[str]:
     cpu = trainer("cpu", folder / "run", 6)
     cpu.resume()
     cpu_next = cpu.train_step(iter(cpu.loader))["loss"]
-    ok = gpu.device.type == DEVICE.type and abs(gpu_next - cpu_next) < 1e-3
-    return [f"| Trainer on {gpu.device}, checkpoint resumed on CPU | next loss {gpu.device.type} / CPU | "
-            f"{gpu_next:.5f} / {cpu_next:.5f} | {'ok' if ok else 'FAIL'} |"]
+    ok = gpu.device.type == DEVICE.type and abs(gpu_next - cpu_next) < 1e-4
+    lines = [f"| Trainer on {gpu.device}, checkpoint resumed on CPU | next loss {gpu.device.type} / CPU | "
+             f"{gpu_next:.5f} / {cpu_next:.5f} | {'ok' if ok else 'FAIL'} |"]
+    device = "auto" if DEVICE.type == "cuda" else "cpu"
+    # auto: bf16 where the GPU has it; fp16 (GPUs only) runs with a gradient scaler
+    for precision in ("auto", "fp16") if DEVICE.type == "cuda" else ("auto",):
+        run = trainer(device, folder / f"run-{precision}", 8, precision)
+        batches = iter(run.loader)
+        losses = [run.train_step(batches)["loss"] for _ in range(8)]
+        scaled = run.scaler is not None
+        ok = all(map(math.isfinite, losses)) and losses[-1] < losses[0] and (scaled == (run.precision.name == "fp16"))
+        lines.append(f"| Trainer precision {precision} | chosen; gradient scaler; loss step 1 -> 8 | {run.precision.name} "
+                     f"({run.precision.reason}); {'yes' if scaled else 'no'}; {losses[0]:.3f} -> {losses[-1]:.3f} | "
+                     f"{'ok' if ok else 'FAIL'} |")
+    return lines
 
 
 def device_placement() -> list[str]:
