@@ -1,14 +1,20 @@
-"""A projection on paper: BERT-base masked LM and SmolLM2-135M continued pretraining on 8 GPUs.
+"""A projection on paper: BERT-base masked LM and SmolLM2-135M continued pretraining on 8 GPUs,
+from one GPU's measured throughput.
 
-FLOPs per token are counted from lmforge's own modules (``Objective.flops_per_token``:
-6 x the matmul parameters a token goes through, the MLM vocabulary projection on masked
-rows only) plus attention scores (12 x layers x seq x hidden per token, forward and
-backward). Throughput = GPUs x peak x MFU / FLOPs per token, at a *stated* MFU (it was not
-measured on a GPU: no GPU machine was lent when this was written; `make gpu-check` measures
-it). Memory per GPU: weights, gradients and AdamW moments in fp32 (16 bytes a parameter),
-whole on every GPU under DDP, divided by the GPU count under FSDP2, plus activations of
-one micro-batch in bf16 with SDPA (no seq^2 term) and no activation checkpointing:
-about 34 x seq x batch x hidden bytes a layer (Korthikanti et al. 2022).
+One GPU's tokens/s and peak memory are measured by ``make gpu-check`` (docs/gpu-check.md:
+an H200, torch 2.11, bf16 autocast, AdamW, BERT-base at 64 x 512 and SmolLM2-135M at
+16 x 2048 a GPU). From them:
+
+- MFU = measured tokens/s x FLOPs per token / the bf16 peak measured on the same GPU, with
+  FLOPs per token from lmforge's own modules (``Objective.flops_per_token``: 6 x the matmul
+  parameters a token goes through, the MLM vocabulary projection on masked rows only);
+- an A100 is projected at the same MFU on its 312 TFLOP/s (an H100 SXM has the H200's compute
+  and less memory bandwidth: at most the H200's rate);
+- 8 GPUs run at a *stated* 90% scaling efficiency (DDP's gradient all-reduce, 0.4-0.5 GB
+  a step in fp32, overlapped with the backward pass over NVLink: not measured: one GPU was available);
+- memory per GPU: the measured one-GPU peak under DDP (plus its 4-byte-a-parameter gradient
+  buckets); under FSDP2, less 7/8 of the 16 bytes a parameter of fp32 weights, gradients and
+  AdamW moments.
 
     python benchmarks/scaling_projection.py > docs/scaling-projection.md
 """
@@ -21,42 +27,44 @@ from lmforge.models import Decoder, MaskedLM, preset
 from lmforge.objectives import CausalLMObjective, MaskedLMObjective
 
 GPUS = 8
-MFU = 0.40  # stated, not measured
-PEAKS = {"A100 (bf16 dense 312 TFLOP/s)": 312e12, "H100 SXM (bf16 dense 989 TFLOP/s)": 989e12}
+EFFICIENCY = 0.90  # stated: 8-GPU DDP/FSDP2 throughput over 8 x one GPU's
+MEASURED_PEAK = 796e12  # bf16 dense matmul FLOP/s measured on the H200 (docs/gpu-check.md)
+# one H200, docs/gpu-check.md: tokens/s, peak GiB, micro-batch (rows x length)
+MEASURED = {"bert": (400_974, 15.2, (64, 512)), "smollm2": (163_366, 26.3, (16, 2048))}
+PEAKS = {"H200 (measured one-GPU rate)": None, "A100 (bf16 dense 312 TFLOP/s, same MFU)": 312e12}
 JOBS = {
-    # name: (model builder, tokens to train on, sequence length, micro-batch per GPU)
-    "BERT-base MLM (BERT's budget: 1M steps x 256 x 512 = 131B tokens)": ("bert", 131e9, 512, 32),
-    "SmolLM2-135M continued pretraining (10B tokens)": ("smollm2", 10e9, 2048, 8),
+    # name: (model, tokens to train on)
+    "BERT-base MLM (BERT's budget: 1M steps x 256 x 512 = 131B tokens)": ("bert", 131e9),
+    "SmolLM2-135M continued pretraining (10B tokens)": ("smollm2", 10e9),
 }
 
 
-def build(kind: str) -> tuple[torch.nn.Module, int, int]:
+def build(kind: str) -> torch.nn.Module:
     with torch.device("meta"):
         if kind == "bert":
-            config = preset("bert-base", vocab_size=30522)
-            objective = MaskedLMObjective(MaskedLM(config), 103, [0, 100, 101, 102, 103])  # type: ignore[arg-type]
-        else:
-            config = preset("smollm2-135m")
-            objective = CausalLMObjective(Decoder(config))  # type: ignore[arg-type]
-    return objective, config.num_layers, config.hidden_size
+            return MaskedLMObjective(MaskedLM(preset("bert-base", vocab_size=30522)), 103, [0, 100, 101, 102, 103])  # type: ignore[arg-type]
+        return CausalLMObjective(Decoder(preset("smollm2-135m")))  # type: ignore[arg-type]
 
 
 def main() -> None:
-    lines = ["| job | GPU | FLOPs/token | tokens/s (8 GPUs) | wall time | params | memory/GPU DDP | memory/GPU FSDP2 |",
-             "|---|---|---|---|---|---|---|---|"]
-    for job, (kind, tokens, seq, micro) in JOBS.items():
-        objective, layers, hidden = build(kind)
+    lines = ["| job | GPU | micro-batch a GPU | MFU | tokens/s (8 GPUs) | wall time | params | memory/GPU DDP | "
+             "memory/GPU FSDP2 |", "|---|---|---|---|---|---|---|---|---|"]
+    for job, (kind, tokens) in JOBS.items():
+        objective = build(kind)
         params = sum(p.numel() for p in objective.parameters())
-        flops = objective.flops_per_token() + 12 * layers * seq * hidden
-        states = 16 * params
-        activations = 34 * seq * micro * hidden * layers
+        flops = objective.flops_per_token()  # type: ignore[operator]
+        one_gpu, peak_gib, (rows, length) = MEASURED[kind]
+        mfu = one_gpu * flops / MEASURED_PEAK
+        ddp = peak_gib + 4 * params / 2**30
+        fsdp = ddp - 16 * params * (GPUS - 1) / GPUS / 2**30
         for gpu, peak in PEAKS.items():
-            rate = GPUS * peak * MFU / flops
+            rate = GPUS * EFFICIENCY * (one_gpu if peak is None else peak * mfu / flops)
             seconds = tokens / rate
             wall = f"{seconds / 86400:.2f} days" if seconds > 86400 else f"{seconds / 3600:.1f} h"
-            lines.append(f"| {job} | {gpu} | {flops / 1e9:.2f} G | {rate / 1e6:.2f} M | {wall} | {params / 1e6:.0f} M "
-                         f"| {(states + activations) / 2**30:.1f} GiB | {(states / GPUS + activations) / 2**30:.1f} GiB |")
-    print(f"MFU {MFU:.0%} (stated), {GPUS} GPUs, micro-batch per GPU: BERT 32 x 512, SmolLM2 8 x 2048.\n")
+            lines.append(f"| {job} | {gpu} | {rows} x {length} | {mfu:.1%} | {rate / 1e6:.2f} M | {wall} | "
+                         f"{params / 1e6:.0f} M | {ddp:.1f} GiB | {fsdp:.1f} GiB |")
+    print(f"{GPUS} GPUs at a stated {EFFICIENCY:.0%} scaling efficiency; one GPU's rate, memory and MFU measured on an "
+          "H200 (docs/gpu-check.md).\n")
     print("\n".join(lines))
 
 
