@@ -157,13 +157,24 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "runs" / "peer"))
     parser.add_argument("--lmforge-flags", default="", help="extra lmforge finetune flags, one string (ablations)")
     parser.add_argument("--no-peer", action="store_true", help="run lmforge only (ablations of its settings)")
+    parser.add_argument("--reuse-peer", type=Path, default=None,
+                        help="take the Trainer's runs from this earlier result file (same task, corpus, budget and "
+                             "seeds; the peer's code unchanged) and rerun lmforge only")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     work = Path(args.work) / f"{args.task}-{args.corpus}"
     work.mkdir(parents=True, exist_ok=True)
     source = corpus(args.corpus)
     full = {split: list(source.examples(split)) for split in ("train", "validation", "test")}
-    backbone = hf_folder(Path(args.model), work)
+    stored = {}
+    if args.reuse_peer is not None:
+        earlier = json.loads(args.reuse_peer.read_text())
+        if (earlier["task"], earlier["corpus"], earlier["train_examples"]) != (args.task, args.corpus, args.limit):
+            raise SystemExit(f"{args.reuse_peer}: another task, corpus or budget than this run")
+        stored = {run["seed"]: run for run in earlier["runs"]}
+        if missing := [seed for seed in args.seeds if seed not in stored]:
+            raise SystemExit(f"{args.reuse_peer}: no Trainer run for seeds {missing}")
+    backbone = hf_folder(Path(args.model), work) if not stored and not args.no_peer else None
     rows = []
     for seed in args.seeds:
         data = {"train": random.Random(f"{seed}:{args.limit}").sample(full["train"], args.limit),
@@ -179,9 +190,12 @@ def main() -> None:
             rows.append({"seed": seed, "lmforge": round(ours, 4), "lmforge_s": round(ours_s)})
             print(rows[-1], flush=True)
             continue
-        start = time.perf_counter()
-        theirs = peer_run(args.task, backbone, data, seed, work)
-        theirs_s = time.perf_counter() - start
+        if stored:
+            theirs, theirs_s = stored[seed]["trainer"], stored[seed]["trainer_s"]
+        else:
+            start = time.perf_counter()
+            theirs = peer_run(args.task, backbone, data, seed, work)
+            theirs_s = time.perf_counter() - start
         rows.append({"seed": seed, "lmforge": round(ours, 4), "trainer": round(theirs, 4),
                      "lmforge_s": round(ours_s), "trainer_s": round(theirs_s)})
         print(rows[-1], flush=True)
@@ -194,7 +208,8 @@ def main() -> None:
     result = {"task": args.task, "corpus": args.corpus, "model": args.model, "train_examples": args.limit,
               "epochs": EPOCHS[args.task], "metric": METRIC[args.task], "cpu_flags": cpu_flags(), "runs": rows,
               "lmforge_mean": round(statistics.mean(ours_all), 4), "trainer_mean": round(statistics.mean(theirs_all), 4),
-              "difference_mean": round(statistics.mean(differences), 4), "difference_stdev": round(spread, 4)}
+              "difference_mean": round(statistics.mean(differences), 4), "difference_stdev": round(spread, 4),
+              **({"trainer_runs_from": str(args.reuse_peer)} if stored else {})}
     report(f"peer-{args.task}-{args.corpus}",
            {"task": args.task, "corpus": args.corpus, "train examples": args.limit, "seeds": len(rows),
             f"lmforge {METRIC[args.task]}": f"{result['lmforge_mean']:.4f} ± {statistics.pstdev(ours_all):.4f}",

@@ -278,7 +278,7 @@ def finetune(output: str, config: str | None = None, resume: bool = False, overw
 
 @command(sections="lmforge.recipes.finetune")
 def transfer_curve(budgets: list[str], start: list[str], output: str, seeds: list[int] | None = None,
-                   overrides: list[str] | None = None) -> None:
+                   lrs: list[float] | None = None, overrides: list[str] | None = None) -> None:
     """Fine-tune every start on every label budget with every seed (a transfer learning curve).
 
     Writes curve.md (mean ± std), curve.json and curve.png. The other flags are the finetune
@@ -291,6 +291,8 @@ def transfer_curve(budgets: list[str], start: list[str], output: str, seeds: lis
             and tokenizer with fresh weights.
         output: the curve folder.
         seeds: seeds per cell (default: 0).
+        lrs: learning rates to try in every cell; the best on validation counts (each start
+            gets its own rate: random init and a pretrained model rarely want the same).
     """
     from lmforge.recipes.curves import learning_curve
 
@@ -300,7 +302,7 @@ def transfer_curve(budgets: list[str], start: list[str], output: str, seeds: lis
         if not path:
             raise LmforgeError(f"--start {item}: expected NAME=PATH (or NAME=random:PATH)")
         starts[name] = path
-    learning_curve(list(overrides or []), budgets, starts, seeds or [0], output)
+    learning_curve(list(overrides or []), budgets, starts, seeds or [0], output, lrs=lrs)
     print((Path(output) / "curve.md").read_text(encoding="utf-8"))
 
 

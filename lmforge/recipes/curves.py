@@ -9,6 +9,11 @@ goes to OUTPUT/runs/<start>-<budget>-s<seed>; a finished run (results.json prese
 not repeated, so an interrupted curve continues where it stopped. ``random:PATH`` is the
 architecture and tokenizer of PATH with fresh weights (seeded), the no-pretraining
 baseline. Writes curve.json, curve.md (mean ± std per cell) and curve.png.
+
+``--lrs 5e-5 2e-4 5e-4`` gives every start a fair learning rate: each start x budget x seed
+is trained at every rate (OUTPUT/runs/<start>-<budget>-s<seed>-lr<rate>) and the run with
+the best validation score counts, its test score reported. A network from random init and
+a pretrained one rarely want the same rate, and one shared rate favours one of them.
 """
 
 from __future__ import annotations
@@ -61,31 +66,44 @@ def learning_curve(
     progress: bool = True,
     budget_flag: str = "--limit",
     arm_args: dict[str, list[str]] | None = None,
+    lrs: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Run the grid (skipping finished runs) and write curve.json, curve.md, curve.png.
     ``budget_flag`` is how a budget reaches the run (``--limit`` labels, ``--shots`` per
-    label); ``arm_args`` adds flags to one start's runs (``--method setfit``)."""
+    label); ``arm_args`` adds flags to one start's runs (``--method setfit``); ``lrs``
+    trains each cell at every learning rate and keeps the best on validation."""
     from lmforge.recipes.finetune import load_config, run_finetuning
 
     output = Path(output)
     chosen = [(name, parse_budget(b), b, seed) for name in starts for b in budgets for seed in seeds]
-    load_config(None, [*finetune_args, "--model", "x"])  # every config problem before the first run
+    checked = load_config(None, [*finetune_args, "--model", "x"])  # every config problem before the first run
+    if lrs and not checked["finetune"].validation:
+        raise ConfigError(["--lrs chooses the learning rate on validation: give --validation"])
     runs: list[dict[str, Any]] = []
     for name, budget, label, seed in tqdm(chosen, desc="curve", unit="run", disable=not progress):
-        run_dir = output / "runs" / f"{name}-{label}-s{seed}"
-        if not (run_dir / "results.json").exists():
-            model = starts[name]
-            if model.startswith("random:"):
-                model = str(random_start(model[len("random:"):], output / "random-init" / f"s{seed}", seed))
-            arguments = [*finetune_args, *(arm_args or {}).get(name, []), "--model", model, "--train.seed", str(seed)]
-            if budget is not None:
-                arguments += [budget_flag, str(budget)]
-            run_finetuning(load_config(None, arguments), run_dir, resume="auto", progress=False)
-        results = read_json(run_dir / "results.json")
+        tried = []
+        for lr in lrs or [None]:
+            run_dir = output / "runs" / (f"{name}-{label}-s{seed}" + (f"-lr{lr:g}" if lr is not None else ""))
+            if not (run_dir / "results.json").exists():
+                model = starts[name]
+                if model.startswith("random:"):
+                    model = str(random_start(model[len("random:"):], output / "random-init" / f"s{seed}", seed))
+                arguments = [*finetune_args, *(arm_args or {}).get(name, []), "--model", model, "--train.seed", str(seed)]
+                if budget is not None:
+                    arguments += [budget_flag, str(budget)]
+                if lr is not None:
+                    arguments += ["--train.lr", f"{lr:g}"]
+                run_finetuning(load_config(None, arguments), run_dir, resume="auto", progress=False)
+            tried.append((lr, read_json(run_dir / "results.json")))
+        # the best validation score picks the rate (ties: the first, i.e. the order given)
+        lr, results = max(tried, key=lambda t: t[1]["validation"][t[1]["main_metric"]]) if lrs else tried[0]
         split = "test" if "test" in results else "validation"
+        main = results["main_metric"]
         runs.append({"start": name, "budget": label, "labels": results["train_examples"], "seed": seed,
-                     "metric": results["main_metric"], "value": results[split][results["main_metric"]],
-                     "split": split, **{k: v for k, v in results[split].items() if k in ("accuracy", "f1", "entity_f1")}})
+                     "metric": main, "value": results[split][main], "split": split,
+                     **{k: v for k, v in results[split].items() if k in ("accuracy", "f1", "entity_f1")},
+                     **({"lr": lr, "validation_by_lr": {f"{r:g}": res["validation"][main] for r, res in tried}}
+                        if lrs else {})})
     summary = summarise(runs)
     write_json(output / "curve.json", {"runs": runs, "summary": summary})
     write_table(output / "curve.md", summary, runs, "shots per label" if budget_flag == "--shots" else "labels")
@@ -117,6 +135,12 @@ def write_table(path: Path, summary: list[dict[str, Any]], runs: list[dict[str, 
         values = [cell.get((start, b)) for b in budgets]
         lines.append(f"| {start} | " + " | ".join(f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "" for v in values)
                      + " |")
+    if any("lr" in run for run in runs):
+        lines += ["", "Learning rate chosen on validation, per seed:", "",
+                  "| start | " + " | ".join(f"{b} {unit}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+        for start in starts:
+            picked = [", ".join(f"{r['lr']:g}" for r in runs if r["start"] == start and r["budget"] == b) for b in budgets]
+            lines.append(f"| {start} | " + " | ".join(picked) + " |")
     lines += ["", "![curve](curve.png)"]
     write_text(path, "\n".join(lines) + "\n")
     return path

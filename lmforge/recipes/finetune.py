@@ -272,6 +272,23 @@ def load_backbone(path: str) -> tuple[nn.Module, Tokenizer]:
     return model, tokenizer
 
 
+def resolve_pooling(task: Task, model: str, progress: bool = True) -> dict[str, str]:
+    """``pooling: auto`` on a sentence-transformers checkpoint becomes the pooling it was
+    trained with (mean for all-MiniLM-L6-v2), stored in the task options so that evaluation,
+    prediction, export and serving use it too; printed, and returned for results.json."""
+    from lmforge.tasks.base import checkpoint_pooling
+
+    if task.options.get("pooling") != "auto":
+        return {}
+    found = checkpoint_pooling(model)
+    if found is None:
+        return {}
+    task.options["pooling"] = found[0]
+    if progress:
+        tqdm.write(f"pooling {found[0]} ({found[1]}; --finetune.pooling overrides)")
+    return {"pooling": found[0], "pooling_reason": found[1]}
+
+
 # ---------------------------------------------------------------------- the run
 @dataclass
 class Splits:
@@ -350,6 +367,7 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
     torch.manual_seed(train.seed)
     model, tokenizer = load_backbone(section.model)
     task = make_task(section.spec(getattr(model.config, "max_position_embeddings", None)), tokenizer)
+    pooling = resolve_pooling(task, section.model, progress)
     positions = getattr(model.config, "max_position_embeddings", None)
     splits = read_splits(section, task, train.seed, positions)
     objective = task.objective(model).to(device)
@@ -369,7 +387,7 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
     results: dict[str, Any] = {"task": section.task, "model": section.model, "train_examples": len(splits.examples["train"]),
                                "labels": task.spec.labels, "main_metric": task.main_metric, "device": str(device),
                                "precision": precision.name, "precision_reason": precision.reason,
-                               "max_length": task.options.get("max_length"), **splits.lengths}
+                               "max_length": task.options.get("max_length"), **splits.lengths, **pooling}
     if section.eval_before and "validation" in splits.examples:
         results["before"] = evaluate("validation", final=True)[0]
         objective.train()

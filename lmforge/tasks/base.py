@@ -319,6 +319,45 @@ class Head(nn.Module):
         return self.out(self.dropout(x))
 
 
+def checkpoint_pooling(folder: str | Path) -> tuple[str, str] | None:
+    """The pooling a sentence-transformers checkpoint was trained with, from its
+    ``modules.json`` / ``*_Pooling/config.json`` next to the weights: ``("mean" | "cls" |
+    "last", reason)``, or None when the folder has no such config (or one lmforge does not
+    pool by, e.g. max). Such an encoder's stored BERT pooler is not what its training used."""
+    import json
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    pooling_dir = None
+    modules = folder / "modules.json"
+    if modules.is_file():
+        try:
+            entries = json.loads(modules.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            entries = []
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and str(entry.get("type", "")).endswith("Pooling"):
+                pooling_dir = folder / str(entry.get("path", ""))
+    if pooling_dir is None:
+        pooling_dir = next(iter(sorted(folder.glob("*_Pooling"))), None)
+    config_path = pooling_dir / "config.json" if pooling_dir is not None else None
+    if config_path is None or not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    modes = [mode for key, mode in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
+                                    ("pooling_mode_lasttoken", "last"), ("pooling_mode_max_tokens", "max"),
+                                    ("pooling_mode_mean_sqrt_len_tokens", "sqrt"), ("pooling_mode_weightedmean_tokens", "w"))
+             if config.get(key)]
+    if len(modes) != 1 or modes[0] not in ("mean", "cls", "last"):
+        return None
+    where = config_path.relative_to(folder).as_posix()
+    return modes[0], f"the checkpoint's sentence-transformers pooling ({where})"
+
+
 def hidden_size(model: nn.Module) -> int:
     return int(model.config.hidden_size)  # type: ignore[union-attr]
 

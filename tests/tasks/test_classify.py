@@ -230,3 +230,39 @@ def test_a_chosen_max_length_never_exceeds_the_model_positions(tiny_encoder_dir:
     examples = [{"text": " ".join(["lovely"] * 100), "label": "pos"}] * 20
     assert task.choose_max_length(examples, positions=48) == (48, 0.0)
     assert task.options["max_length"] == 48
+
+
+def _sentence_transformers_folder(source: Path, target: Path, mode: str) -> Path:
+    """A copy of ``source`` laid out as a sentence-transformers checkpoint pooling by ``mode``."""
+    import shutil
+
+    shutil.copytree(source, target)
+    (target / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (target / "1_Pooling").mkdir()
+    keys = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}
+    (target / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
+                                                                  **{key: name == mode for name, key in keys.items()}}))
+    return target
+
+
+def test_checkpoint_pooling_reads_a_sentence_transformers_config(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    from lmforge.tasks.base import checkpoint_pooling
+
+    assert checkpoint_pooling(tiny_encoder_dir) is None  # an lmforge folder: the encoder's own pooler
+    assert checkpoint_pooling(_sentence_transformers_folder(tiny_encoder_dir, tmp_path / "m", "mean"))[0] == "mean"  # type: ignore[index]
+    assert checkpoint_pooling(_sentence_transformers_folder(tiny_encoder_dir, tmp_path / "c", "cls"))[0] == "cls"  # type: ignore[index]
+    assert checkpoint_pooling(_sentence_transformers_folder(tiny_encoder_dir, tmp_path / "x", "max")) is None  # not offered
+
+
+def test_auto_pooling_follows_the_checkpoint_and_is_saved(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    model = _sentence_transformers_folder(tiny_encoder_dir, tmp_path / "st", "mean")
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment(64, 1))
+    results = finetune(model, tmp_path / "run", "--task", "classify", "--train", str(train), epochs=1)
+    assert results["pooling"] == "mean" and "1_Pooling/config.json" in results["pooling_reason"]
+    saved = json.loads((tmp_path / "run" / "model" / "task.json").read_text())
+    assert saved["options"]["pooling"] == "mean"  # prediction, export and serving pool the same way
+    explicit = finetune(model, tmp_path / "cls", "--task", "classify", "--train", str(train), "--pooling", "cls", epochs=1)
+    assert "pooling" not in explicit  # an explicit value wins and is not overridden
+    assert json.loads((tmp_path / "cls" / "model" / "task.json").read_text())["options"]["pooling"] == "cls"
