@@ -355,7 +355,7 @@ def checkpoint_pooling(folder: str | Path) -> tuple[str, str] | None:
     if len(modes) != 1 or modes[0] not in ("mean", "cls", "last"):
         return None
     where = config_path.relative_to(folder).as_posix()
-    return modes[0], f"the checkpoint's sentence-transformers pooling ({where})"
+    return modes[0], f"the checkpoint's sentence-transformers config, {where}"
 
 
 def hidden_size(model: nn.Module) -> int:
