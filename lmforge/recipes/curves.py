@@ -42,7 +42,27 @@ def random_start(path: str, folder: Path, seed: int) -> Path:
     model, tokenizer = load_backbone(path)
     torch.manual_seed(seed)
     save_model(build_model(model.config), folder, tokenizer)
+    copy_pooling_config(Path(path), folder)  # the fresh network pools as the pretrained one does
     return folder
+
+
+def copy_pooling_config(source: Path, target: Path) -> None:
+    """A sentence-transformers Pooling config (modules.json and its folder) from ``source``
+    to ``target``, so that ``pooling: auto`` resolves the same way for both."""
+    import shutil
+
+    from lmforge.tasks.base import pooling_config_path
+
+    config = pooling_config_path(source)
+    if config is None:
+        return
+    where = config.parent.relative_to(source)
+    if where == Path("."):  # the config beside the weights: that file alone
+        shutil.copy2(config, target / config.name)
+    else:
+        shutil.copytree(config.parent, target / where, dirs_exist_ok=True)
+    if (source / "modules.json").is_file():
+        shutil.copy2(source / "modules.json", target / "modules.json")
 
 
 def parse_budget(value: str) -> int | None:

@@ -319,11 +319,9 @@ class Head(nn.Module):
         return self.out(self.dropout(x))
 
 
-def checkpoint_pooling(folder: str | Path) -> tuple[str, str] | None:
-    """The pooling a sentence-transformers checkpoint was trained with, from its
-    ``modules.json`` / ``*_Pooling/config.json`` next to the weights: ``("mean" | "cls" |
-    "last", reason)``, or None when the folder has no such config (or one lmforge does not
-    pool by, e.g. max). Such an encoder's stored BERT pooler is not what its training used."""
+def pooling_config_path(folder: str | Path) -> Path | None:
+    """The sentence-transformers Pooling config of a checkpoint folder (``modules.json``
+    names its folder; else ``*_Pooling/config.json``), or None."""
     import json
 
     folder = Path(folder)
@@ -342,7 +340,18 @@ def checkpoint_pooling(folder: str | Path) -> tuple[str, str] | None:
     if pooling_dir is None:
         pooling_dir = next(iter(sorted(folder.glob("*_Pooling"))), None)
     config_path = pooling_dir / "config.json" if pooling_dir is not None else None
-    if config_path is None or not config_path.is_file():
+    return config_path if config_path is not None and config_path.is_file() else None
+
+
+def checkpoint_pooling(folder: str | Path) -> tuple[str, str] | None:
+    """The pooling a sentence-transformers checkpoint was trained with, from its Pooling
+    config next to the weights: ``("mean" | "cls" | "last", reason)``, or None when the
+    folder has no such config (or one lmforge does not pool by, e.g. max). Such an
+    encoder's stored BERT pooler is not what its training used."""
+    import json
+
+    config_path = pooling_config_path(folder)
+    if config_path is None:
         return None
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -354,7 +363,7 @@ def checkpoint_pooling(folder: str | Path) -> tuple[str, str] | None:
              if config.get(key)]
     if len(modes) != 1 or modes[0] not in ("mean", "cls", "last"):
         return None
-    where = config_path.relative_to(folder).as_posix()
+    where = config_path.relative_to(Path(folder)).as_posix()
     return modes[0], f"the checkpoint's sentence-transformers config, {where}"
 
 

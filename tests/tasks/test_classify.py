@@ -256,6 +256,16 @@ def test_checkpoint_pooling_reads_a_sentence_transformers_config(tiny_encoder_di
     assert checkpoint_pooling(_sentence_transformers_folder(tiny_encoder_dir, tmp_path / "x", "max")) is None  # not offered
 
 
+def test_a_random_start_pools_like_its_checkpoint(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    from lmforge.recipes.curves import random_start
+    from lmforge.tasks.base import checkpoint_pooling
+
+    model = _sentence_transformers_folder(tiny_encoder_dir, tmp_path / "st", "mean")
+    fresh = random_start(str(model), tmp_path / "fresh", 0)
+    assert checkpoint_pooling(fresh)[0] == "mean"  # type: ignore[index]  # the curve compares like with like
+    assert checkpoint_pooling(random_start(str(tiny_encoder_dir), tmp_path / "plain", 0)) is None
+
+
 def test_auto_pooling_follows_the_checkpoint_and_is_saved(tiny_encoder_dir: Path, tmp_path: Path) -> None:
     model = _sentence_transformers_folder(tiny_encoder_dir, tmp_path / "st", "mean")
     train = write_jsonl(tmp_path / "train.jsonl", sentiment(64, 1))
