@@ -103,12 +103,16 @@ def _timed(function: Callable[[], Any], budget_s: float = 0.02) -> float:
     return best
 
 
+INT4PACK_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4pack CPU kernel takes
+
+
 @functools.cache
-def choose_kernel(bits: int, dynamic: bool, in_features: int, out_features: int) -> str:
+def choose_kernel(bits: int, dynamic: bool, in_features: int, out_features: int, group_size: int | None = None) -> str:
     """The fastest kernel on this machine for one layer shape, measured once per process:
     ``dequant`` (fp32 weights made once at load), ``fbgemm`` (dynamic int8) or ``int4pack``
-    / ``int8pack`` (torch's weight-only CPU kernels). Products are timed at the sizes the
-    layer sees: 512 rows for encoders, 1 row (decoding) for weight-only."""
+    / ``int8pack`` (torch's weight-only CPU kernels; int4pack only for the group sizes it
+    takes). Products are timed at the sizes the layer sees: 512 rows for encoders, 1 row
+    (decoding) for weight-only."""
     if not torch.get_default_device().type == "cpu":
         return "dequant"
     rows = 512 if dynamic else 1
@@ -125,11 +129,12 @@ def choose_kernel(bits: int, dynamic: bool, in_features: int, out_features: int)
             q, scale = quantize_rows_int8(weight)
             flat = scale.reshape(-1)
             timings["int8pack"] = _timed(lambda: torch._weight_int8pack_mm(x, q, flat))
-        elif bits == 4 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and in_features % 32 == 0:
-            layer = QuantizedLinear.from_linear(nn.Linear(in_features, out_features, bias=False), 4, 32)
+        elif (bits == 4 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and group_size in INT4PACK_GROUPS
+              and in_features % group_size == 0):  # type: ignore[operator]
+            layer = QuantizedLinear.from_linear(nn.Linear(in_features, out_features, bias=False), 4, group_size)
             packed, scale_zero = layer._int4pack()
             timings["int4pack"] = _timed(
-                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, scale_zero))
+                lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zero))
     except (RuntimeError, NotImplementedError):  # a kernel this build or CPU lacks
         pass
     return min(timings, key=lambda name: timings[name])
@@ -202,7 +207,8 @@ class QuantizedLinear(nn.Module):
         """Build the runtime weight for ``kernel`` (default: the one measured fastest here)."""
         if self.qweight.device.type != "cpu":
             kernel = "dequant"
-        self.kernel = kernel or choose_kernel(self.bits, self.dynamic, self.in_features, self.out_features)
+        self.kernel = kernel or choose_kernel(self.bits, self.dynamic, self.in_features, self.out_features,
+                                              self.group_size)
         if self.kernel == "fbgemm":
             self.runtime = _fbgemm_pack(self.qweight, self.scale, self.bias)
         elif self.kernel == "int8pack":

@@ -152,3 +152,18 @@ def test_lora_trains_on_a_frozen_quantised_base(tiny_decoder_dir: Path, tmp_path
     again = load_model(tmp_path / "qlora")
     with torch.no_grad():
         assert torch.allclose(again.logits(again(ids)), model.logits(model(ids)), atol=1e-6)
+
+
+def test_int4pack_is_offered_only_for_group_sizes_its_kernel_takes() -> None:
+    from lmforge.deploy.quantize import INT4PACK_GROUPS, choose_kernel
+
+    assert choose_kernel(4, False, 64, 48, 16) in ("dequant",)  # 16: the int4pack kernel refuses it
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 48), 4, 16)
+    layer.prepare()  # the kernel measured fastest here
+    x = torch.randn(3, 64)
+    assert layer.kernel != "int4pack" and torch.isfinite(layer(x)).all()  # no group-size error on any CPU
+    if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):  # where the kernel exists, it agrees with dequant
+        packed = QuantizedLinear.from_linear(torch.nn.Linear(64, 48), 4, INT4PACK_GROUPS[0])
+        packed.prepare("int4pack")
+        reference = F.linear(x, packed.dequantized(), packed.bias)
+        assert torch.allclose(packed(x), reference, atol=1e-2, rtol=1e-2)
