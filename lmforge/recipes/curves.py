@@ -56,11 +56,7 @@ def copy_pooling_config(source: Path, target: Path) -> None:
     config = pooling_config_path(source)
     if config is None:
         return
-    where = config.parent.relative_to(source)
-    if where == Path("."):  # the config beside the weights: that file alone
-        shutil.copy2(config, target / config.name)
-    else:
-        shutil.copytree(config.parent, target / where, dirs_exist_ok=True)
+    shutil.copytree(config.parent, target / config.parent.relative_to(source), dirs_exist_ok=True)
     if (source / "modules.json").is_file():
         shutil.copy2(source / "modules.json", target / "modules.json")
 

@@ -335,8 +335,8 @@ def pooling_config_path(folder: str | Path) -> Path | None:
         except (OSError, ValueError):
             entries = []
         for entry in entries if isinstance(entries, list) else []:
-            if isinstance(entry, dict) and str(entry.get("type", "")).endswith("Pooling"):
-                pooling_dir = folder / str(entry.get("path", ""))
+            if isinstance(entry, dict) and str(entry.get("type", "")).endswith("Pooling") and entry.get("path"):
+                pooling_dir = folder / str(entry["path"])  # its own folder: the root's config.json is the model's
     if pooling_dir is None:
         pooling_dir = next(iter(sorted(folder.glob("*_Pooling"))), None)
     config_path = pooling_dir / "config.json" if pooling_dir is not None else None

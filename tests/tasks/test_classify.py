@@ -254,6 +254,9 @@ def test_checkpoint_pooling_reads_a_sentence_transformers_config(tiny_encoder_di
     assert checkpoint_pooling(_sentence_transformers_folder(tiny_encoder_dir, tmp_path / "m", "mean"))[0] == "mean"  # type: ignore[index]
     assert checkpoint_pooling(_sentence_transformers_folder(tiny_encoder_dir, tmp_path / "c", "cls"))[0] == "cls"  # type: ignore[index]
     assert checkpoint_pooling(_sentence_transformers_folder(tiny_encoder_dir, tmp_path / "x", "max")) is None  # not offered
+    rooted = _sentence_transformers_folder(tiny_encoder_dir, tmp_path / "r", "mean")
+    (rooted / "modules.json").write_text(json.dumps([{"idx": 1, "path": "", "type": "sentence_transformers.models.Pooling"}]))
+    assert checkpoint_pooling(rooted)[0] == "mean"  # type: ignore[index]  # the model's own config.json is never read as one
 
 
 def test_a_random_start_pools_like_its_checkpoint(tiny_encoder_dir: Path, tmp_path: Path) -> None:
