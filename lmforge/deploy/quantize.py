@@ -246,13 +246,16 @@ class QuantizedLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "fbgemm" and x.dtype == torch.float32:
+        # the packed kernels have no backward: when a gradient must flow to x (LoRA in an
+        # earlier layer), the dequantised product below carries it
+        kernel = self.kernel if x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad) else None
+        if kernel == "fbgemm":
             y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features), self.runtime, True)
             y = y.reshape(*x.shape[:-1], self.out_features)
-        elif self.kernel == "int8pack" and x.dtype == torch.float32:
+        elif kernel == "int8pack":
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.runtime)
             y = y.reshape(*x.shape[:-1], self.out_features) + (self.bias if self.bias is not None else 0)
-        elif self.kernel == "int4pack" and x.dtype == torch.float32:
+        elif kernel == "int4pack":
             packed, scale_zero = self.runtime
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed,
                                                            self.group_size, scale_zero)

@@ -167,3 +167,21 @@ def test_int4pack_is_offered_only_for_group_sizes_its_kernel_takes() -> None:
         packed.prepare("int4pack")
         reference = F.linear(x, packed.dequantized(), packed.bias)
         assert torch.allclose(packed(x), reference, atol=1e-2, rtol=1e-2)
+
+
+def test_packed_kernels_pass_gradients_to_their_inputs() -> None:
+    """QLoRA trains adapters before a quantised layer: the gradient must flow through it
+    whichever kernel this CPU's timing picked (the packed kernels have no backward)."""
+    cases = [("int8pack", 8, None)] if hasattr(torch, "_weight_int8pack_mm") else []
+    if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        cases.append(("int4pack", 4, 32))
+    assert cases  # torch 2.13 has both
+    for kernel, bits, group in cases:
+        layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 48), bits, group)
+        layer.prepare(kernel)
+        x = torch.randn(3, 64, requires_grad=True)
+        layer(x).sum().backward()
+        expected = layer.dequantized().sum(0).expand(3, -1)  # d(sum(x W^T))/dx
+        assert torch.allclose(x.grad, expected, atol=1e-5), kernel  # type: ignore[arg-type]
+        with torch.no_grad():  # inference still takes the packed kernel
+            assert torch.allclose(layer(x), F.linear(x, layer.dequantized(), layer.bias), atol=1e-2, rtol=1e-2)
