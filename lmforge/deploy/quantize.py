@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.models.layers import Dropout
 
 METHODS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 32
@@ -240,7 +241,7 @@ class QuantizedLinear(nn.Module):
         import math
 
         self.r, self.scaling = r, (alpha / math.sqrt(r) if rslora else alpha / r)
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = Dropout(dropout)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))

@@ -227,9 +227,13 @@ class MaskedLMHead(nn.Module):
         self.act = activation(config.hidden_act)
         init_weights(self, config.initializer_range)
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The rows (..., H) that the vocabulary projection takes."""
+        return self.norm(self.act(self.dense(hidden)))
+
     def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) for hidden rows (..., H); ``word_embeddings`` is (V, H)."""
-        return F.linear(self.norm(self.act(self.dense(hidden))), word_embeddings, self.bias)
+        return F.linear(self.transform(hidden), word_embeddings, self.bias)
 
 
 class MaskedLM(nn.Module):

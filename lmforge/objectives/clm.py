@@ -21,12 +21,13 @@ from lmforge.objectives.base import Objective, ObjectiveOutput, Prepared
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
-        compute_dtype: torch.dtype,
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+        chunk_rows: int, compute_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if needs_bias else None
         w = weight.to(compute_dtype)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
@@ -48,17 +49,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(w, h.t(), out=logits)
             else:
                 logits.copy_(w @ h.t())
+            if bias is not None:
+                logits.add_(bias.float()[:, None])
             picked = logits[safe, columns]  # (n,) the target's logit
             top = logits.amax(dim=0)  # (n,)
             correct += ((picked >= top) & valid).sum()  # the target holds the largest logit
             probs = logits.sub_(top).exp_()  # exp(logit - max), in place
             total = probs.sum(dim=0)
             loss += ((top + total.log() - picked) * valid).sum()  # log-sum-exp - target logit
-            if needs_hidden or needs_weight:
+            if needs_hidden or needs_weight or needs_bias:
                 probs.div_(total)  # softmax
                 probs[safe, columns] -= 1.0  # d CE / d logits = softmax - one-hot
                 if not bool(valid.all()):
                     probs[:, ~valid] = 0.0
+                if needs_bias:
+                    grad_bias += probs.sum(dim=1)  # type: ignore[operator]
                 grad_logits = probs.to(compute_dtype)  # (V, n)
                 if needs_hidden:
                     grad_hidden[start : start + n] = (grad_logits.t() @ w).to(hidden.dtype)  # type: ignore[index]
@@ -67,33 +72,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_weight.addmm_(grad_logits, h)  # type: ignore[union-attr]
                     else:
                         grad_weight.add_((grad_logits @ h).float())  # type: ignore[union-attr]
-        ctx.save_for_backward(grad_hidden if needs_hidden else None, grad_weight if needs_weight else None)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.mark_non_differentiable(correct)
         return loss, correct
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, _grad_correct: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         return (
             grad_hidden * grad_loss if grad_hidden is not None else None,
             (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None,
+            (grad_bias * grad_loss).to(ctx.bias_dtype) if grad_bias is not None else None,
             None, None, None,
         )
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of CE over targets != -100, number of correct argmax) for logits hidden @ W.T.
+    """(sum of CE over targets != -100, number of correct argmax) for logits hidden @ W.T (+ bias).
 
-    hidden: (N, H); weight: (V, H); targets: (N,). Matmuls run in bf16 when called under
-    bf16 autocast, the softmax always in fp32.
+    hidden: (N, H); weight: (V, H); bias: (V,) or None; targets: (N,). Matmuls run in bf16
+    when called under bf16 autocast, the softmax always in fp32.
     """
     compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else hidden.dtype
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype)  # type: ignore[no-any-return]
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, compute_dtype)  # type: ignore[no-any-return]
 
 
 def document_ids(input_ids: torch.Tensor, separator_id: int) -> torch.Tensor:

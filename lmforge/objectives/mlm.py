@@ -22,6 +22,7 @@ from torch import nn
 from lmforge.data.loader import IGNORE_INDEX
 from lmforge.models import MaskedLM
 from lmforge.objectives.base import Objective, ObjectiveOutput, Prepared
+from lmforge.objectives.clm import linear_cross_entropy
 
 
 @dataclass
@@ -94,16 +95,14 @@ def mask_tokens(
 
 
 def masked_lm_loss_sum(model: MaskedLM, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of cross-entropy over selected positions, projecting only those rows.
+    """Sum of cross-entropy over selected positions, projecting only those rows, through
+    the chunked ``linear_cross_entropy`` (no [rows x vocabulary] logits kept for backward).
 
-    Returns (loss sum, number of correct argmax predictions)."""
+    Returns (loss sum, number of correct predictions: the target holds the largest logit)."""
     rows = labels != IGNORE_INDEX  # (B, T)
-    picked = hidden[rows]  # (N, H)
-    targets = labels[rows]  # (N,)
-    logits = model.logits(picked).float()  # (N, V)
-    loss = F.cross_entropy(logits, targets, reduction="sum")
-    correct = (logits.argmax(-1) == targets).sum()
-    return loss, correct
+    head = model.mlm_head
+    picked = head.transform(hidden[rows])  # (N, H)
+    return linear_cross_entropy(picked, model.encoder.embeddings.word_embeddings.weight, labels[rows], bias=head.bias)
 
 
 class MaskedLMObjective(Objective):

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.layers import Dropout
+
 
 def _adopt(cls: type[nn.Linear], base: nn.Linear) -> nn.Linear:
     """An instance of ``cls`` sharing ``base``'s weight and bias Parameters."""
@@ -44,7 +46,7 @@ class LoraLinear(nn.Linear):
         assert isinstance(layer, LoraLinear)
         layer.r = r
         layer.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        layer.lora_dropout = nn.Dropout(dropout)
+        layer.lora_dropout = Dropout(dropout)
         layer.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype))
         layer.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))  # as peft: B = 0, so the start is the base model
@@ -86,7 +88,7 @@ class AdaLoraLinear(nn.Linear):
         assert isinstance(layer, AdaLoraLinear)
         layer.r = r
         layer.alpha = alpha
-        layer.lora_dropout = nn.Dropout(dropout)
+        layer.lora_dropout = Dropout(dropout)
         layer.lora_A = nn.Parameter(torch.randn(r, base.in_features, dtype=base.weight.dtype) * 0.02)
         layer.lora_E = nn.Parameter(torch.zeros(r, 1, dtype=base.weight.dtype))  # Λ = 0: the start is the base model
         layer.lora_B = nn.Parameter(torch.randn(base.out_features, r, dtype=base.weight.dtype) * 0.02)

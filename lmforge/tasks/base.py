@@ -34,6 +34,7 @@ from lmforge.data.loader import BucketedLoader
 from lmforge.data.sources import read_examples
 from lmforge.errors import DataError
 from lmforge.hardware import autocast_context, module_device, to_device
+from lmforge.models.layers import Dropout
 from lmforge.objectives.base import Objective, ObjectiveOutput, Prepared
 from lmforge.tokenizer import Tokenizer
 
@@ -310,7 +311,7 @@ class Head(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, dropout: float) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.out = nn.Linear(in_features, out_features)
         nn.init.normal_(self.out.weight, std=0.02)
         nn.init.zeros_(self.out.bias)

@@ -75,22 +75,25 @@ def test_masked_rows_loss_equals_full_head_loss() -> None:
     torch.testing.assert_close(ours, full, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_linear_cross_entropy_matches_full_logits(tied: bool) -> None:
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_matches_full_logits(with_bias: bool) -> None:
     hidden = torch.randn(300, 32, requires_grad=True)
     weight = torch.randn(500, 32, requires_grad=True)
+    bias = torch.randn(500, requires_grad=True) if with_bias else None
     targets = torch.randint(0, 500, (300,))
     targets[::7] = IGNORE_INDEX
-    loss, correct = linear_cross_entropy(hidden, weight, targets, chunk_rows=64)
-    loss.backward()
-    got = (hidden.grad.clone(), weight.grad.clone())  # type: ignore[union-attr]
+    loss, correct = linear_cross_entropy(hidden, weight, targets, chunk_rows=64, bias=bias)
+    (loss * 0.5).backward()  # the upstream gradient scales every input's gradient
+    got = [hidden.grad.clone(), weight.grad.clone(), *([bias.grad.clone()] if bias is not None else [])]  # type: ignore[union-attr]
     hidden.grad = weight.grad = None
-    logits = hidden @ weight.t()
+    logits = F.linear(hidden, weight, bias)
     reference = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    reference.backward()
+    if bias is not None:
+        bias.grad = None
+    (reference * 0.5).backward()
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(got[0], hidden.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got[1], weight.grad, rtol=1e-4, atol=1e-5)
+    for mine, theirs in zip(got, [hidden.grad, weight.grad, *([bias.grad] if bias is not None else [])], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
     valid = targets != IGNORE_INDEX
     assert int(correct) == int((logits.argmax(-1)[valid] == targets[valid]).sum())
 

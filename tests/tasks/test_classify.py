@@ -279,3 +279,34 @@ def test_auto_pooling_follows_the_checkpoint_and_is_saved(tiny_encoder_dir: Path
     explicit = finetune(model, tmp_path / "cls", "--task", "classify", "--train", str(train), "--pooling", "cls", epochs=1)
     assert "pooling" not in explicit  # an explicit value wins and is not overridden
     assert json.loads((tmp_path / "cls" / "model" / "task.json").read_text())["options"]["pooling"] == "cls"
+
+
+def test_attention_dropout_auto_is_off_on_cpu_only() -> None:
+    from lmforge.models import Decoder, Encoder, preset
+    from lmforge.recipes.finetune import resolve_attention_dropout
+
+    for model in (Encoder(preset("bert-tiny", vocab_size=50, attention_dropout=0.1)),  # type: ignore[arg-type]
+                  Decoder(preset("llama-tiny", vocab_size=50, dropout=0.1))):  # type: ignore[arg-type]
+        def rates(model: torch.nn.Module = model) -> set[float]:
+            return {float(m.dropout) for m in model.modules() if type(m).__name__ in ("Attention", "SelfAttention")}
+
+        chosen = resolve_attention_dropout("auto", model, torch.device("cuda"), progress=False)
+        assert chosen["attention_dropout"] == 0.1 and rates() == {0.1}  # fused GPU kernels take dropout
+        chosen = resolve_attention_dropout("auto", model, torch.device("cpu"), progress=False)
+        assert chosen["attention_dropout"] == 0.0 and rates() == {0.0} and "0.1" in chosen["attention_dropout_reason"]
+        assert resolve_attention_dropout(0.2, model, torch.device("cpu"), progress=False)["attention_dropout"] == 0.2
+        assert rates() == {0.2}
+
+
+def test_attention_dropout_is_saved_and_checked(tiny_encoder_dir: Path, tmp_path: Path) -> None:
+    config = json.loads((tiny_encoder_dir / "config.json").read_text())["model"]
+    assert config["attention_dropout"] > 0  # the fixture's checkpoint trains with attention dropout
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment(32, 1))
+    results = finetune(tiny_encoder_dir, tmp_path / "run", "--task", "classify", "--train", str(train), epochs=1)
+    assert results["attention_dropout"] == 0.0
+    kept = finetune(tiny_encoder_dir, tmp_path / "kept", "--task", "classify", "--train", str(train),
+                    "--finetune.attention_dropout", str(config["attention_dropout"]), epochs=1)
+    assert kept["attention_dropout"] == config["attention_dropout"]
+    with pytest.raises(ConfigError, match="attention_dropout=1.5"):
+        load_config(None, ["--model", str(tiny_encoder_dir), "--task", "classify", "--train", str(train),
+                           "--finetune.attention_dropout", "1.5"])
