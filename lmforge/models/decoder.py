@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.config import DecoderConfig
@@ -29,6 +28,7 @@ from lmforge.models.layers import (
     RotaryEmbedding,
     activation,
     apply_rotary,
+    attention,
     attention_mask_for_sdpa,
     decode_linear,
     dense_forward,
@@ -92,15 +92,8 @@ class SelfAttention(nn.Module):
             k, v = cache.update(self.layer_index, k, v)  # (B, nkv, S, hd)
         if self.prefix is not None:
             k, v, mask = with_prefix(k, v, mask, self.prefix(), causal_from_scratch=mask is None and past == 0 and T > 1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and past == 0 and T > 1,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, nh, T, hd)
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0, is_causal=mask is None and past == 0 and T > 1,
+                      enable_gqa=self.num_kv_heads != self.num_heads)  # (B, nh, T, hd)
         return dense_forward(self.o_proj, y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim), self.few_rows)
 
 

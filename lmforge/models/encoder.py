@@ -26,6 +26,7 @@ from lmforge.models.layers import (
     RotaryEmbedding,
     activation,
     apply_rotary,
+    attention,
     attention_mask_for_sdpa,
     init_weights,
     with_prefix,
@@ -105,9 +106,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if self.prefix is not None:  # prefix keys carry no position
             k, v, mask = with_prefix(k, v, mask, self.prefix(), causal_from_scratch=False)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, T, hd)
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         if self.head_mask is not None:
             y = y * self.head_mask[None, :, None, None]
         y = y.transpose(1, 2).reshape(B, T, H)

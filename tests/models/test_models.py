@@ -283,6 +283,15 @@ def test_dropout_keeps_the_expected_share_and_the_mean() -> None:
     assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.9))
     assert abs(float(out.mean()) - 1.0) < 0.01  # inverted dropout: the expectation is unchanged
     assert torch.equal(layer.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    for p, shape, dtype in ((0.5, (7, 13, 11), torch.float32), (0.1, (3, 1001), torch.bfloat16)):  # odd sizes
+        x = torch.ones(shape, dtype=dtype, requires_grad=True)
+        out = Dropout(p).train()(x)
+        assert out.shape == x.shape and out.dtype == dtype
+        assert abs(float((out != 0).float().mean()) - (1 - p)) < 4 * (p * (1 - p) / out.numel()) ** 0.5
+        out.sum().backward()
+        assert torch.equal(x.grad, out.detach())  # type: ignore[arg-type]  # the gradient takes the same mask and scale
+    second = layer.train()(torch.ones(200_000))
+    assert not torch.equal(second != 0, kept)  # a fresh mask every call
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 9])
@@ -329,3 +338,30 @@ def test_few_rows_layout_probe_answers_once_per_shape() -> None:
     before = few_rows_layout.cache_info().hits
     few_rows_layout(32, 64, budget_mb=4)
     assert few_rows_layout.cache_info().hits == before + 1  # measured once per process and shape
+
+
+@pytest.mark.parametrize("case", ["plain", "bool", "additive", "causal", "gqa"])
+def test_cpu_attention_with_dropout_is_sdpa_with_a_cheaper_mask(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.nn.functional as F
+
+    from lmforge.models import layers
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, requires_grad=True)
+    kv_heads = 2 if case == "gqa" else 4
+    k, v = torch.randn(2, kv_heads, 7, 8), torch.randn(2, kv_heads, 7, 8)
+    mask = None
+    if case == "bool":
+        mask = torch.rand(2, 1, 5, 7) > 0.3
+        mask[0, 0, 1] = False  # a query row that sees no key: zeros, as SDPA gives, not NaN
+    elif case == "additive":
+        mask = torch.randn(2, 1, 5, 7)
+    causal, gqa = case == "causal", case == "gqa"
+    monkeypatch.setattr(layers, "dropout_bits", lambda x, p: x)  # the maths around the mask
+    ours = layers.attention(q, k, v, mask, 0.1, is_causal=causal, enable_gqa=gqa)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(torch.autograd.grad(ours.sum(), q)[0]).all()
+    monkeypatch.undo()
+    dropped = layers.attention(q, k, v, None, 0.5, enable_gqa=gqa)
+    assert not torch.allclose(dropped, F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa))  # the dropout is drawn
