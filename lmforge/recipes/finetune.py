@@ -398,8 +398,8 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
     torch.manual_seed(train.seed)
     model, tokenizer = load_backbone(section.model)
     task = make_task(section.spec(getattr(model.config, "max_position_embeddings", None)), tokenizer)
-    pooling = resolve_pooling(task, section.model, progress)
-    pooling.update(resolve_attention_dropout(section.attention_dropout, model, device, progress))
+    chosen = {**resolve_pooling(task, section.model, progress),  # defaults read off the checkpoint and device
+              **resolve_attention_dropout(section.attention_dropout, model, device, progress)}
     positions = getattr(model.config, "max_position_embeddings", None)
     splits = read_splits(section, task, train.seed, positions)
     objective = task.objective(model).to(device)
@@ -419,7 +419,7 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
     results: dict[str, Any] = {"task": section.task, "model": section.model, "train_examples": len(splits.examples["train"]),
                                "labels": task.spec.labels, "main_metric": task.main_metric, "device": str(device),
                                "precision": precision.name, "precision_reason": precision.reason,
-                               "max_length": task.options.get("max_length"), **splits.lengths, **pooling}
+                               "max_length": task.options.get("max_length"), **splits.lengths, **chosen}
     if section.eval_before and "validation" in splits.examples:
         results["before"] = evaluate("validation", final=True)[0]
         objective.train()
