@@ -284,13 +284,16 @@ def main() -> None:
     parser.add_argument("--name", default="encoder", help="the key of the encoder table in the results")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "compression.json"))
     args = parser.parse_args()
+    from lmforge.runtime import prepare_process
+
+    allocator = prepare_process()  # the allocator lmforge's commands (quantize, serve, ...) run with
     torch.set_num_threads(min(2, torch.get_num_threads()))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     results["machine"] = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__}
+                          "torch": torch.__version__, "allocator": allocator}
     if args.part in ("encoder", "all"):
         results[args.name] = encoder_part(work, args.teacher, args.corpus, args.backbone)
         out.write_text(json.dumps(results, indent=1))

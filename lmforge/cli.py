@@ -1094,9 +1094,9 @@ COMMANDS: dict[str, Any] = {
 def main(argv: list[str] | None = None) -> int:
     """Run the command ``argv`` names (the process's arguments when None); returns the exit status."""
     if argv is None:  # a real command line (tests pass argv and keep their process)
-        from lmforge.runtime import reexec_with_tcmalloc
+        from lmforge.runtime import prepare_process
 
-        reexec_with_tcmalloc()
+        prepare_process()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         run(COMMANDS, argv)

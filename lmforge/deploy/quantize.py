@@ -17,7 +17,9 @@ Kernels are chosen once at load, by measuring (``choose_kernel``), never by assu
 instruction set: on the AVX2-only CPUs here torch's int8 matmul (``_int_mm``) runs 50x
 slower than fp32 and the packed int4 kernel 10x slower, so those machines compute with the
 weights dequantised once at load (the folder is still 4-7x smaller), while fbgemm's
-dynamic int8 GEMM runs 1.8x faster than fp32 and is taken for encoders.
+dynamic int8 GEMM runs 1.8x faster than fp32 and is taken for encoders. On a Xeon with AMX
+int8 tiles oneDNN's dynamic int8 GEMM is the fastest (2.3-7x fp32, fbgemm 1.3-2.2x) and is
+taken there.
 """
 
 from __future__ import annotations
@@ -79,18 +81,30 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- kernels
-def _fbgemm_available() -> bool:
+DYNAMIC_ENGINES = ("fbgemm", "onednn")  # torch's dynamic int8 GEMMs: the kernel names are the engines'
+
+
+def _dynamic_engines() -> tuple[str, ...]:
+    """The dynamic int8 GEMM engines this torch build has."""
     ops = getattr(torch.ops, "quantized", None)
-    return bool(ops is not None and hasattr(ops, "linear_dynamic") and "fbgemm" in torch.backends.quantized.supported_engines)
+    if ops is None or not hasattr(ops, "linear_dynamic"):
+        return ()
+    return tuple(e for e in DYNAMIC_ENGINES if e in torch.backends.quantized.supported_engines)
 
 
-def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Any:
-    """fbgemm's prepacked form of an int8 per-row weight (the exact stored integers)."""
+def _dynamic_pack(engine: str, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Any:
+    """``engine``'s prepacked form of an int8 per-row weight (the exact stored integers). The
+    packed object carries its engine: ``linear_dynamic`` runs it whatever the global engine is."""
+    previous = torch.backends.quantized.engine
     with warnings.catch_warnings():  # torch marks its quantized tensor type deprecated; the GEMM is what we use
         warnings.simplefilter("ignore")
-        zeros = torch.zeros(q.shape[0], dtype=torch.long)
-        qtensor = torch._make_per_channel_quantized_tensor(q, scale.reshape(-1).double(), zeros, 0)
-        return torch.ops.quantized.linear_prepack(qtensor, bias)
+        try:
+            torch.backends.quantized.engine = engine
+            zeros = torch.zeros(q.shape[0], dtype=torch.long)
+            qtensor = torch._make_per_channel_quantized_tensor(q, scale.reshape(-1).double(), zeros, 0)
+            return torch.ops.quantized.linear_prepack(qtensor, bias)
+        finally:
+            torch.backends.quantized.engine = previous
 
 
 def _timed(function: Callable[[], Any], budget_s: float = 0.02) -> float:
@@ -110,10 +124,12 @@ INT4PACK_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4pack CPU ker
 @functools.cache
 def choose_kernel(bits: int, dynamic: bool, in_features: int, out_features: int, group_size: int | None = None) -> str:
     """The fastest kernel on this machine for one layer shape, measured once per process:
-    ``dequant`` (fp32 weights made once at load), ``fbgemm`` (dynamic int8) or ``int4pack``
-    / ``int8pack`` (torch's weight-only CPU kernels; int4pack only for the group sizes it
-    takes). Products are timed at the sizes the layer sees: 512 rows for encoders, 1 row
-    (decoding) for weight-only."""
+    ``dequant`` (fp32 weights made once at load), ``fbgemm`` or ``onednn`` (dynamic int8:
+    fbgemm's GEMM, or oneDNN's, which runs on AMX int8 tiles where a CPU has them and was
+    2.3-7x fp32 on the AMX Xeon against fbgemm's 1.3-2.2x) or ``int4pack`` / ``int8pack``
+    (torch's weight-only CPU kernels; int4pack only for the group sizes it takes). Products
+    are timed at the sizes the layer sees: 512 rows for encoders, 1 row (decoding) for
+    weight-only."""
     if not torch.get_default_device().type == "cpu":
         return "dequant"
     rows = 512 if dynamic else 1
@@ -122,10 +138,14 @@ def choose_kernel(bits: int, dynamic: bool, in_features: int, out_features: int,
     x = torch.randn(rows, in_features, generator=generator)
     timings = {"dequant": _timed(lambda: F.linear(x, weight))}
     try:
-        if bits == 8 and dynamic and _fbgemm_available():
+        if bits == 8 and dynamic and _dynamic_engines():
             q, scale = quantize_rows_int8(weight)
-            packed = _fbgemm_pack(q, scale, None)
-            timings["fbgemm"] = _timed(lambda: torch.ops.quantized.linear_dynamic(x, packed, True))
+            for engine in _dynamic_engines():
+                try:
+                    packed = _dynamic_pack(engine, q, scale, None)
+                    timings[engine] = _timed(lambda p=packed: torch.ops.quantized.linear_dynamic(x, p, True))
+                except (RuntimeError, NotImplementedError):  # an engine this CPU cannot run
+                    continue
         elif bits == 8 and hasattr(torch, "_weight_int8pack_mm"):
             q, scale = quantize_rows_int8(weight)
             flat = scale.reshape(-1)
@@ -210,8 +230,8 @@ class QuantizedLinear(nn.Module):
             kernel = "dequant"
         self.kernel = kernel or choose_kernel(self.bits, self.dynamic, self.in_features, self.out_features,
                                               self.group_size)
-        if self.kernel == "fbgemm":
-            self.runtime = _fbgemm_pack(self.qweight, self.scale, self.bias)
+        if self.kernel in DYNAMIC_ENGINES:
+            self.runtime = _dynamic_pack(self.kernel, self.qweight, self.scale, self.bias)
         elif self.kernel == "int8pack":
             self.runtime = self.scale.reshape(-1).float()
         elif self.kernel == "int4pack":
@@ -250,7 +270,7 @@ class QuantizedLinear(nn.Module):
         # the packed kernels have no backward: when a gradient must flow to x (LoRA in an
         # earlier layer), the dequantised product below carries it
         kernel = self.kernel if x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad) else None
-        if kernel == "fbgemm":
+        if kernel in DYNAMIC_ENGINES:
             y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features), self.runtime, True)
             y = y.reshape(*x.shape[:-1], self.out_features)
         elif kernel == "int8pack":

@@ -41,9 +41,9 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=200, help="labeled reviews for fine-tuning")
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
-    from lmforge.runtime import reexec_with_tcmalloc
+    from lmforge.runtime import prepare_process
 
-    reexec_with_tcmalloc()  # measured +34% tokens/s for this model (docs/benchmarks.md)
+    prepare_process()  # tcmalloc: measured +34% tokens/s for this model (docs/benchmarks.md)
     torch.set_num_threads(2)
     from lmforge.checkpoint import load_pretrained
     from lmforge.recipes.pretrain import fill_mask, load_config, run_pretraining
