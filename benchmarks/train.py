@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
+from lmforge.runtime import tcmalloc_path
+
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, SEQ, HIDDEN, LAYERS, HEADS, FFN = 32, 128, 256, 4, 4, 1024
-TCMALLOC = next((p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
-                 if Path(p).exists()), None)
+TCMALLOC = tcmalloc_path()
 
 
 def batches(vocab: int, count: int, mlm: bool) -> list[dict[str, torch.Tensor]]:

