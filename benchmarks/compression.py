@@ -60,6 +60,12 @@ def teacher_run(work: Path, given: str | None, corpus: str = CORPUS, backbone: s
     return run
 
 
+# onnxruntime's pool spins for 10-50 ms after a run; a torch product started then ran 2-3x
+# slower (a pruned model read 0.85x fp32 when timed right after the ONNX variants, 1.22x
+# alone), so every timed call starts after this pause.
+SETTLE_S = 0.1
+
+
 def speeds(folders: dict[str, Path], texts: list[str], rounds: int = 5) -> dict[str, tuple[float, float]]:
     """Per variant: (examples/s at batch 32 x 128 tokens, p50 ms at batch 1 on single tweets).
     The variants take turns within each round (best round counts for throughput), so a busy
@@ -90,11 +96,13 @@ def speeds(folders: dict[str, Path], texts: list[str], rounds: int = 5) -> dict[
                 start = time.perf_counter()
                 objective(big, scores_only=True)
                 best[name] = min(best[name], time.perf_counter() - start)
+                time.sleep(SETTLE_S)
         # Latency is measured one variant at a time, as a deployment serves one model: taking
         # turns per request put onnxruntime's spinning pool and torch's OpenMP pool on the same
         # two cores, and each then waited for the other (a pruned torch model read 71 ms there
         # against 7 ms alone).
         for name, (_, objective) in objectives.items():
+            time.sleep(SETTLE_S)
             objective(singles[0], scores_only=True)
             for single in singles:
                 start = time.perf_counter()

@@ -119,20 +119,29 @@ def _timed(function: Callable[[], Any], budget_s: float = 0.02) -> float:
 
 
 INT4PACK_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4pack CPU kernel takes
+# Encoders' products are timed at two row counts (rows = batch x tokens) and a layer keeps
+# the fastest kernel of each: below SMALL_BELOW rows the small-inputs one runs. On the AMX
+# Xeon oneDNN was 1.7-2.3x fbgemm at 512 rows of three of four BERT shapes but slower than
+# fbgemm at 64-192 rows of 256 x 256.
+ROWS_LARGE, ROWS_SMALL, SMALL_BELOW = 512, 64, 192
+# oneDNN builds (JIT-compiles) a kernel for each new row count, 0.8 ms a layer against a
+# 0.04-0.1 ms product: rows are padded to a multiple of this so that few row counts occur
+# (zero rows change neither the activations' quantisation range nor the other rows).
+ONEDNN_ROW_MULTIPLE = 64
 
 
 @functools.cache
-def choose_kernel(bits: int, dynamic: bool, in_features: int, out_features: int, group_size: int | None = None) -> str:
+def choose_kernel(bits: int, dynamic: bool, in_features: int, out_features: int, group_size: int | None = None,
+                  rows: int | None = None) -> str:
     """The fastest kernel on this machine for one layer shape, measured once per process:
     ``dequant`` (fp32 weights made once at load), ``fbgemm`` or ``onednn`` (dynamic int8:
     fbgemm's GEMM, or oneDNN's, which runs on AMX int8 tiles where a CPU has them and was
     2.3-7x fp32 on the AMX Xeon against fbgemm's 1.3-2.2x) or ``int4pack`` / ``int8pack``
     (torch's weight-only CPU kernels; int4pack only for the group sizes it takes). Products
-    are timed at the sizes the layer sees: 512 rows for encoders, 1 row (decoding) for
-    weight-only."""
+    are timed at ``rows`` (default: 512 for encoders, 1 row, decoding, for weight-only)."""
     if not torch.get_default_device().type == "cpu":
         return "dequant"
-    rows = 512 if dynamic else 1
+    rows = rows or (ROWS_LARGE if dynamic else 1)
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=generator) * 0.05
     x = torch.randn(rows, in_features, generator=generator)
@@ -188,8 +197,9 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float16))
             self.register_buffer("minimum", torch.zeros(out_features, groups, dtype=torch.float16))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.kernel = "dequant"
+        self.kernel = self.small_kernel = "dequant"  # for inputs of many rows / of few (dynamic int8)
         self.runtime: Any = None  # the kernel's form of the weight (not saved)
+        self.small_runtime: Any = None
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
 
@@ -224,37 +234,46 @@ class QuantizedLinear(nn.Module):
         self.prepare()
 
     @torch.no_grad()
-    def prepare(self, kernel: str | None = None) -> None:
-        """Build the runtime weight for ``kernel`` (default: the one measured fastest here)."""
+    def prepare(self, kernel: str | None = None, small_kernel: str | None = None) -> None:
+        """Build the runtime weights for ``kernel`` and, for inputs of fewer than SMALL_BELOW
+        rows, ``small_kernel`` (defaults: the ones measured fastest here; ``small_kernel``
+        defaults to ``kernel`` when only that is given)."""
         if self.qweight.device.type != "cpu":
-            kernel = "dequant"
-        self.kernel = kernel or choose_kernel(self.bits, self.dynamic, self.in_features, self.out_features,
-                                              self.group_size)
-        if self.kernel in DYNAMIC_ENGINES:
-            self.runtime = _dynamic_pack(self.kernel, self.qweight, self.scale, self.bias)
-        elif self.kernel == "int8pack":
-            self.runtime = self.scale.reshape(-1).float()
-        elif self.kernel == "int4pack":
-            self.runtime = self._int4pack()
-        else:
-            self.runtime = self.dequantized()
+            kernel = small_kernel = "dequant"
+        small_kernel = small_kernel or kernel
+        shape = (self.bits, self.dynamic, self.in_features, self.out_features, self.group_size)
+        self.kernel = kernel or choose_kernel(*shape)
+        self.small_kernel = small_kernel or (choose_kernel(*shape, rows=ROWS_SMALL) if self.dynamic else self.kernel)
+        self.runtime = self._runtime(self.kernel)
+        self.small_runtime = self.runtime if self.small_kernel == self.kernel else self._runtime(self.small_kernel)
+
+    def _runtime(self, kernel: str) -> Any:
+        if kernel in DYNAMIC_ENGINES:
+            return _dynamic_pack(kernel, self.qweight, self.scale, self.bias)
+        if kernel == "int8pack":
+            return self.scale.reshape(-1).float()
+        if kernel == "int4pack":
+            return self._int4pack()
+        return self.dequantized()
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantizedLinear:
         super()._apply(fn, recurse)
         if self.runtime is not None:  # moved or cast: the runtime form follows the stored one
-            self.prepare("dequant" if self.qweight.device.type != "cpu" else self.kernel)
+            self.prepare(self.kernel, self.small_kernel)
         return self
 
     @property
     def dense_weight(self) -> bool:
         """True when forward is exactly ``F.linear(x, weight, bias)`` on a dense weight made
         at load, so the decoder may fuse and re-lay it out as it does a Linear's."""
-        return self.kernel == "dequant" and self.lora_A is None
+        return self.kernel == self.small_kernel == "dequant" and self.lora_A is None
 
     @property
     def weight(self) -> torch.Tensor:
         """The weight as the other layers see it (fp32, dequantised)."""
-        return self.runtime if self.kernel == "dequant" else self.dequantized()
+        if self.kernel == "dequant":
+            return self.runtime
+        return self.small_runtime if self.small_kernel == "dequant" else self.dequantized()
 
     def add_lora(self, r: int, alpha: float, dropout: float, rslora: bool = False) -> None:
         """Train a low-rank update on top of the frozen quantised weight (QLoRA style)."""
@@ -269,27 +288,36 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the packed kernels have no backward: when a gradient must flow to x (LoRA in an
         # earlier layer), the dequantised product below carries it
-        kernel = self.kernel if x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad) else None
+        rows = x.numel() // self.in_features
+        kernel, runtime = (self.small_kernel, self.small_runtime) if rows < SMALL_BELOW else (self.kernel, self.runtime)
+        if x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
+            kernel = None
         if kernel in DYNAMIC_ENGINES:
-            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features), self.runtime, True)
-            y = y.reshape(*x.shape[:-1], self.out_features)
+            flat = x.reshape(rows, self.in_features)
+            pad = -rows % ONEDNN_ROW_MULTIPLE if kernel == "onednn" else 0
+            if pad:
+                flat = F.pad(flat, (0, 0, 0, pad))
+            y = torch.ops.quantized.linear_dynamic(flat, runtime, True)
+            y = (y[:rows] if pad else y).reshape(*x.shape[:-1], self.out_features)
         elif kernel == "int8pack":
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.runtime)
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, runtime)
             y = y.reshape(*x.shape[:-1], self.out_features) + (self.bias if self.bias is not None else 0)
         elif kernel == "int4pack":
-            packed, scale_zero = self.runtime
+            packed, scale_zero = runtime
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed,
                                                            self.group_size, scale_zero)
             y = y.reshape(*x.shape[:-1], self.out_features) + (self.bias if self.bias is not None else 0)
         else:
-            y = F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            weight = runtime if kernel == "dequant" else self.weight
+            y = F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.lora_A is not None:
             y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
         return y
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
-        return f"in={self.in_features}, out={self.out_features}, int{self.bits}{group}, kernel={self.kernel}"
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}{group}, kernel={self.kernel}" + (
+            f" ({self.small_kernel} below {SMALL_BELOW} rows)" if self.small_kernel != self.kernel else "")
 
 
 class QuantizedEmbedding(nn.Module):

@@ -87,6 +87,24 @@ def test_every_int8_kernel_computes_the_same_product(kernel: str) -> None:
     assert _cosine(fast, exact) > 0.999
 
 
+def test_large_and_small_inputs_take_their_own_kernels_and_padding_changes_nothing() -> None:
+    from lmforge.deploy.quantize import SMALL_BELOW, _dynamic_engines
+
+    if set(_dynamic_engines()) != {"fbgemm", "onednn"}:
+        pytest.skip("this torch build lacks one of the dynamic int8 engines")
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 48), 8, None, dynamic=True)
+    layer.prepare("dequant")
+    small, large = torch.randn(2, 3, 64), torch.randn(SMALL_BELOW + 9, 64)  # 201 rows: padded to 256
+    exact_small, exact_large = layer(small), layer(large)
+    layer.prepare("onednn", "fbgemm")
+    assert "fbgemm below" in repr(layer)
+    assert _cosine(layer(small), exact_small) > 0.999 and _cosine(layer(large), exact_large) > 0.999
+    unpadded = torch.ops.quantized.linear_dynamic(large, layer.runtime, True)  # oneDNN on the 201 rows as they are
+    assert torch.equal(layer(large), unpadded)
+    layer.float()  # a cast rebuilds the runtime forms and keeps both choices
+    assert (layer.kernel, layer.small_kernel) == ("onednn", "fbgemm")
+
+
 def test_int4pack_kernel_matches_dequantised_weights() -> None:
     linear = torch.nn.Linear(64, 32, bias=False)
     layer = QuantizedLinear.from_linear(linear, 4, 32)
