@@ -4,7 +4,8 @@ Masked LM: BERT 4 layers, hidden 256, 4 heads, FFN 1024, vocab 30,522, seq 128, 
 Causal LM: GPT-2 style, same sizes, vocab 50,257.
 
 Each side runs in its own child process (one script, run one after the other), so each
-gets its own peak RSS and, for the tcmalloc rows, its own LD_PRELOAD. lmforge runs with
+gets its own peak RSS and, for the tcmalloc rows, its own LD_PRELOAD; the other lmforge row
+runs with glibc tuned as the lmforge command leaves it without tcmalloc. lmforge runs with
 its defaults (``precision: auto``: bf16 only where this CPU runs it faster than fp32);
 transformers runs in fp32, and in bf16 too where the CPU has native bf16 (emulated bf16
 takes minutes per step and nobody would pick it). The table states the CPU and its flags. Every side trains
@@ -69,6 +70,10 @@ def run_side(side: str, warmup: int, steps: int) -> dict[str, object]:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     task, who, precision = side.split(":")[:3]
+    if who == "lmforge":  # what the lmforge command does: without tcmalloc, glibc tuned
+        from lmforge.runtime import tune_glibc_malloc
+
+        tune_glibc_malloc()
     if precision == "auto":
         precision = resolve_precision("auto", "cpu").name
     mlm = task == "mlm"

@@ -10,8 +10,9 @@ freed and is faulted in again, page by page, when the next step asks for it.
   preloaded; ``LMFORGE_TCMALLOC=0`` turns that off.
 - Without it, glibc is told to keep them (``tune_glibc_malloc``): blocks up to 32 MiB come
   from the heap instead of fresh mappings, and freed heap stays mapped. Measured on an AMX
-  Xeon (2 threads): bf16 masked-LM training +26%, causal-LM +19% tokens/s (peak RSS +1-6%),
-  a dynamic-int8 encoder's batch-32 forward 97-118 -> 61-76 ms (tcmalloc: 63 ms).
+  Xeon (2 threads, runs alternating with and without): the batch-32 forward of a 4-layer
+  encoder 110-125 -> 92-94 ms in fp32 and 56-70 -> 45-47 ms in dynamic int8; bf16 training
+  within the noise (masked LM +2%, causal LM mixed, three pairs each; peak RSS +1-6%).
   ``LMFORGE_MALLOC_TUNE=0`` turns that off.
 """
 
