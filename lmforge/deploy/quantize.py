@@ -36,6 +36,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.models.layers import Dropout
+from lmforge.peft.layers import add_low_rank
 
 METHODS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 32
@@ -311,7 +312,7 @@ class QuantizedLinear(nn.Module):
             weight = runtime if kernel == "dequant" else self.weight
             y = F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.lora_A is not None:
-            y = y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+            y = add_low_rank(y, x, self.lora_A, self.lora_B, self.scaling, self.lora_dropout)
         return y
 
     def extra_repr(self) -> str:
