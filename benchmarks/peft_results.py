@@ -37,10 +37,10 @@ from lmforge.recipes.finetune import DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 # each method's default learning rate, what `lmforge finetune` uses when no --train.lr is given
-LR = {"none": DEFAULTS["train"]["lr"], **DEFAULT_LR, "lora-qv": 1e-3, "lora-dropout0": DEFAULT_LR["lora"]}
+LR = {"none": DEFAULTS["train"]["lr"], **DEFAULT_LR, "lora-qv": 1e-3, "lora-dropout0.05": DEFAULT_LR["lora"]}
 # variants: a method with other settings, run under its own name (and its own rate, passed explicitly)
 VARIANTS = {"lora-qv": ["--peft", "lora", "--peft.targets", json.dumps(["attention.query", "attention.value"])],
-            "lora-dropout0": ["--peft", "lora", "--peft.dropout", "0"]}
+            "lora-dropout0.05": ["--peft", "lora", "--peft.dropout", "0.05"]}
 ENCODER_METHODS = ["none", "lora", "lora-qv", "adalora", "adapter", "prefix", "prompt", "bitfit", "ia3"]
 DECODER_METHODS = ["none", "lora", "adalora", "adapter", "prefix", "prompt", "ia3"]  # Llama layers have no biases
 
@@ -93,7 +93,8 @@ def main() -> None:
         split = "test" if "test" in results else "validation"
         metric = results["main_metric"] if args.table != "dialogue" else "perplexity"
         name = {"none": "full fine-tuning", "lora": "lora (default: every linear layer, r 8)",
-                "lora-qv": "lora (query and value only)", "lora-dropout0": "lora without its input dropout"}.get(method, method)
+                "lora-qv": "lora (query and value only)",
+                "lora-dropout0.05": "lora with input dropout 0.05 (the default until 2026-12-05)"}.get(method, method)
         rows.append({"method": name, "lr": yaml.safe_load((run / "config.yaml").read_text())["train"]["lr"],
                      "max_length": results.get("max_length"), "pooling": results.get("pooling"),
                      "precision": results.get("precision"),
