@@ -35,6 +35,10 @@ from lmforge.runtime import tcmalloc_path
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, SEQ, HIDDEN, LAYERS, HEADS, FFN = 32, 128, 256, 4, 4, 1024
 TCMALLOC = tcmalloc_path()
+# set in the environment, these make torch's own kernels, oneDNN and MKL use no instruction set
+# above the one named, so an AVX-512/AMX CPU runs as an AVX2-only one would (fp32 FMA paths,
+# bf16 emulated): ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def batches(vocab: int, count: int, mlm: bool) -> list[dict[str, torch.Tensor]]:
@@ -169,10 +173,13 @@ def main() -> None:
         print(results[side], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = describe_machine()
-    (args.out / "train.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
+    capped = {name: os.environ[name] for name in ISA_CAPS if name in os.environ}
+    machine["isa_caps"] = capped
     lines = [f"CPU: {machine['cpu']}, flags: {machine['cpu_flags']}; {machine['threads']} threads; torch "
              f"{machine['torch']}. lmforge precision (auto) chose: "
-             f"{next(r['precision'] for s, r in results.items() if ':lmforge:' in s)}.", "",
+             f"{next(r['precision'] for s, r in results.items() if ':lmforge:' in s)}."
+             + (" Instruction sets capped for every library (an older CPU emulated): "
+                + ", ".join(f"{k}={v}" for k, v in capped.items()) + "." if capped else ""), "",
              "| task | side | precision | tokens/s | vs transformers fp32 | vs transformers bf16 | MFU (fp32 peak) "
              "| MFU (bf16 peak) | peak RSS MiB | RSS vs transformers fp32 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for side, row in results.items():
@@ -187,6 +194,7 @@ def main() -> None:
     peak = next(iter(results.values()))["peak_gflops"]
     lines.append(f"\nMatmul peaks measured in the same runs: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s "
                  f"(2 threads).")
+    (args.out / "train.json").write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
     (args.out / "train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
