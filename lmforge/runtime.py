@@ -34,13 +34,18 @@ MMAP_THRESHOLD = 32 * 1024 * 1024  # the largest glibc accepts on 64-bit systems
 TRIM_THRESHOLD = 1024 * 1024 * 1024
 
 
+def under_tcmalloc() -> bool:
+    """True when this process runs with tcmalloc preloaded."""
+    return "tcmalloc" in os.environ.get("LD_PRELOAD", "")
+
+
 def tcmalloc_path() -> str | None:
     return next((p for p in TCMALLOC_PATHS if Path(p).exists()), None)
 
 
 def reexec_with_tcmalloc() -> None:
     """Restart this process with tcmalloc preloaded, once, if available and not disabled."""
-    if os.environ.get("LMFORGE_TCMALLOC", "1") == "0" or "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+    if os.environ.get("LMFORGE_TCMALLOC", "1") == "0" or under_tcmalloc():
         return
     library = tcmalloc_path()
     if library is None:
@@ -53,8 +58,7 @@ def tune_glibc_malloc() -> bool:
     """Keep large freed blocks in glibc's heap (see the module docstring); True when set.
     Nothing is done under tcmalloc, off Linux, on a C library without ``mallopt`` (musl),
     or with ``LMFORGE_MALLOC_TUNE=0``."""
-    if (os.environ.get("LMFORGE_MALLOC_TUNE", "1") == "0" or "tcmalloc" in os.environ.get("LD_PRELOAD", "")
-            or not sys.platform.startswith("linux")):
+    if os.environ.get("LMFORGE_MALLOC_TUNE", "1") == "0" or under_tcmalloc() or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None)
@@ -69,6 +73,6 @@ def prepare_process() -> str:
     """What a command does first: re-execute under tcmalloc where it is installed, else tune
     glibc's allocator. Returns the allocator this process runs with, for the record."""
     reexec_with_tcmalloc()
-    if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+    if under_tcmalloc():
         return "tcmalloc"
     return "glibc (tuned)" if tune_glibc_malloc() else "system"

@@ -90,8 +90,9 @@ def test_every_int8_kernel_computes_the_same_product(kernel: str) -> None:
 def test_large_and_small_inputs_take_their_own_kernels_and_padding_changes_nothing() -> None:
     from lmforge.deploy.quantize import SMALL_BELOW, _dynamic_engines
 
-    if set(_dynamic_engines()) != {"fbgemm", "onednn"}:
-        pytest.skip("this torch build lacks one of the dynamic int8 engines")
+    missing = {"fbgemm", "onednn"} - set(_dynamic_engines())
+    if missing:  # e.g. torch's ARM builds have no fbgemm; the kernel probe then never offers it
+        pytest.skip(f"this torch build has no {' or '.join(sorted(missing))} dynamic int8 engine to pair")
     layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 48), 8, None, dynamic=True)
     layer.prepare("dequant")
     small, large = torch.randn(2, 3, 64), torch.randn(SMALL_BELOW + 9, 64)  # 201 rows: padded to 256
