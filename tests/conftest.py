@@ -10,7 +10,10 @@ import torch
 
 from lmforge.data.corpora import package_dir as corpus_package_dir
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist each worker gets its share of the cores, so that two workers on two cores
+# do not fight over the same ones.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture(autouse=True)
