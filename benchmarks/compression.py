@@ -126,8 +126,8 @@ def build_variants(work: Path, model: Path, train_split: list[str], names: tuple
                                               batch_size=32, progress=True),
         "heads-40pct-ffn-30pct": lambda t: prune_folder(model, t, train_split, heads=0.4, ffn=0.3, recover_steps=300,
                                                         recover_lr=5e-5, batch_size=32, progress=True),
-        "distilled-2-layer": lambda t: distill_folder(model, t, train_split, student_layers=2, steps=1500,
-                                                      batch_size=32, progress=True),
+        "distilled-2-layer": lambda t: distill_folder(model, t, train_split, student_layers=2, batch_size=32,
+                                                      progress=True),  # distill's defaults: 3 epochs
     }
     folders, steps = {}, {}
     for name in names:
