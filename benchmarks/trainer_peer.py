@@ -7,7 +7,7 @@ splits, the same number of epochs, and the same metric code, over several seeds.
 
 lmforge runs `lmforge finetune` with no flag but the data and the seed (its defaults: lr 5e-5,
 batch 32, 3 epochs for classification; for NER a CRF, the head at 5e-3, 5 epochs, 10%
-warm-up, long paragraphs windowed). The peer is what a practitioner writes with the
+warm-up, long paragraphs windowed, the body at 4e-4 on models narrower than 384). The peer is what a practitioner writes with the
 Trainer: lr 5e-5, batch 16, 10% warm-up, weight decay 0.01, the same epochs, evaluation
 each epoch and the best checkpoint by the validation metric (as lmforge keeps), inputs
 truncated at the model's 512 positions (NER: the first sub-token of each word carries its
@@ -135,6 +135,15 @@ def peer_run(task: str, backbone: Path, data: dict[str, list[dict[str, Any]]], s
     return score(trainer.predict(encoded["test"]).predictions, data["test"])
 
 
+def budget_splits(full: dict[str, list[dict[str, Any]]], limit: int, validation_limit: int, seed: int,
+                  test_limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
+    """A label budget drawn with the seed, validation examples drawn with it, and the test split."""
+    return {"train": random.Random(f"{seed}:{limit}").sample(full["train"], limit),
+            "validation": random.Random(f"v{seed}").sample(full["validation"], min(validation_limit,
+                                                                                   len(full["validation"]))),
+            "test": full["test"][:test_limit]}
+
+
 def lmforge_run(task: str, model: Path, files: dict[str, Path], seed: int, work: Path,
                 flags: list[str] | None = None) -> float:
     from lmforge.recipes.finetune import finetune
@@ -177,10 +186,7 @@ def main() -> None:
     backbone = hf_folder(Path(args.model), work) if not stored and not args.no_peer else None
     rows = []
     for seed in args.seeds:
-        data = {"train": random.Random(f"{seed}:{args.limit}").sample(full["train"], args.limit),
-                "validation": random.Random(f"v{seed}").sample(full["validation"], min(args.validation_limit,
-                                                                                       len(full["validation"]))),
-                "test": full["test"][:args.test_limit]}
+        data = budget_splits(full, args.limit, args.validation_limit, seed, args.test_limit)
         with tempfile.TemporaryDirectory() as folder:
             files = {split: write_jsonl(Path(folder) / f"{split}.jsonl", items) for split, items in data.items()}
             start = time.perf_counter()

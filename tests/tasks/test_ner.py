@@ -119,7 +119,7 @@ def test_token_task_defaults_and_explicit_values_winning(tiny_encoder_dir: Path)
     base = ["--task", "ner", "--model", str(tiny_encoder_dir), "--train", "x.jsonl"]
     config = load_config(None, base)
     section, train = config["finetune"], config["train"]
-    assert section.epochs == 5.0 and section.warmup_ratio == 0.1 and train.head_lr == 5e-3 and train.lr == 5e-5
+    assert section.epochs == 5.0 and section.warmup_ratio == 0.1 and train.head_lr == 5e-3 and train.lr == 4e-4  # narrow
     spec = section.spec(512)
     assert spec.options["max_length"] == 128 and "crf" not in spec.options  # the task's default: a CRF
     assert make_task(spec, Tokenizer.load(tiny_encoder_dir)).options["crf"] is True
@@ -140,3 +140,20 @@ def test_token_task_defaults_and_explicit_values_winning(tiny_encoder_dir: Path)
     assert fitted.steps == 50 and fitted.warmup_steps == 5  # 5 epochs of 10 steps, 10% warm-up
     kept = _fitted_train_config(given["finetune"], given["train"], None, None, Sized())  # type: ignore[arg-type]
     assert kept.warmup_steps == 7
+
+
+def test_token_tasks_on_narrow_models_default_to_a_higher_rate(tiny_encoder_dir: Path, minilm_dir: Path) -> None:
+    from lmforge.peft.core import DEFAULT_LR
+    from lmforge.recipes.finetune import NARROW_LR, load_config, model_width
+
+    assert model_width(str(tiny_encoder_dir)) == 64 and model_width(str(minilm_dir)) == 384  # lmforge's and HF's config
+    assert model_width("no/such/folder") is None
+
+    def lr(task: str, model: Path | str, *more: str) -> float:
+        return load_config(None, ["--task", task, "--model", str(model), "--train", "x.jsonl", *more])["train"].lr
+
+    assert lr("ner", tiny_encoder_dir) == NARROW_LR["ner"] == 4e-4 and lr("ner", f"random:{tiny_encoder_dir}") == 4e-4
+    assert lr("ner", minilm_dir) == 5e-5  # MiniLM-L6 and wider keep full fine-tuning's usual rate
+    assert lr("classify", tiny_encoder_dir) == 5e-5  # classification keeps it on narrow models too
+    assert lr("ner", tiny_encoder_dir, "--train.lr", "1e-5") == 1e-5  # an explicit value wins
+    assert lr("ner", tiny_encoder_dir, "--peft", "lora") == DEFAULT_LR["lora"]  # a PEFT method keeps its own rate
