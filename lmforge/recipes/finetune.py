@@ -258,13 +258,18 @@ def load_config(path: str | Path | None, arguments: list[str] | None = None) -> 
     if method in DEFAULT_LR and not user_lr:  # each PEFT method at its own rate
         defaults["train"] = {**defaults["train"], "lr": DEFAULT_LR[str(method)]}
     elif not user_lr and str(task) in NARROW_LR:
-        width = model_width(_given_value(overrides, "--finetune.model", ((given or {}).get("finetune") or {}).get("model")))
-        if width is not None and width < NARROW_WIDTH:
-            defaults["train"] = {**defaults["train"], "lr": NARROW_LR[str(task)]}
+        model = _given_value(overrides, "--finetune.model", ((given or {}).get("finetune") or {}).get("model"))
+        if (rate := narrow_lr(str(task), model_width(model))) is not None:
+            defaults["train"] = {**defaults["train"], "lr": rate}
     shots = any(o.startswith("--finetune.shots") for o in overrides) or (given or {}).get("finetune", {}).get("shots")
     if shots and not user_steps and not user_epochs:  # 3 epochs of 16 examples a label are a step or two
         defaults = {**defaults, "finetune": {}, "train": {**defaults["train"], "steps": FEWSHOT_STEPS}}
     return load_run_config(SECTIONS, path, overrides, defaults=defaults)
+
+
+def narrow_lr(task: str, width: int | None) -> float | None:
+    """The task's default rate on a model ``width`` wide where it is not DEFAULTS' (see NARROW_LR)."""
+    return NARROW_LR.get(task) if width is not None and width < NARROW_WIDTH else None
 
 
 def model_width(model: str | None) -> int | None:
@@ -430,7 +435,7 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
     chosen = {**resolve_pooling(task, section.model, progress),  # defaults read off the checkpoint and device
               **resolve_attention_dropout(section.attention_dropout, model, device, progress)}
     width = getattr(model.config, "hidden_size", None)
-    if progress and section.task in NARROW_LR and train.lr == NARROW_LR[section.task] and width and width < NARROW_WIDTH:
+    if progress and narrow_lr(section.task, width) == train.lr:
         tqdm.write(f"lr {train.lr:g} (the {section.task} default for models narrower than {NARROW_WIDTH}: this one is "
                    f"{width} wide; --train.lr sets it)")
     positions = getattr(model.config, "max_position_embeddings", None)
