@@ -434,7 +434,7 @@ def _finetune(config: dict[str, Any], run_dir: Path, resume: bool, progress: boo
     task = make_task(section.spec(getattr(model.config, "max_position_embeddings", None)), tokenizer)
     chosen = {**resolve_pooling(task, section.model, progress),  # defaults read off the checkpoint and device
               **resolve_attention_dropout(section.attention_dropout, model, device, progress)}
-    width = getattr(model.config, "hidden_size", None)
+    width = model_width(section.model)  # as load_config read it, so the line shows when the rule applied
     if progress and narrow_lr(section.task, width) == train.lr:
         tqdm.write(f"lr {train.lr:g} (the {section.task} default for models narrower than {NARROW_WIDTH}: this one is "
                    f"{width} wide; --train.lr sets it)")
